@@ -1,0 +1,33 @@
+// `paligemma SUBCOMMAND ...`: dispatches to the commands registered by apps/*/cli_*.cpp.
+// Every failure ends as one line on stderr and a non-zero exit.
+#include "paligemma/cli_registry.hpp"
+
+#include <cstdio>
+#include <exception>
+#include <iostream>
+
+int main(int argc, char** argv) {
+  CLI::App app{"tq: PaliGemma / PaliGemma 2 QLoRA fine-tuning, evaluation and tools"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Help for every subcommand");
+  std::function<int()> action;
+  for (auto& cmd : tq::cli::registry()) {
+    CLI::App* sub = app.add_subcommand(cmd.name, cmd.description);
+    sub->config_formatter(std::make_shared<tq::cli::JsonConfig>());
+    sub->set_config("--config", "", "JSON file with the same keys as the flags (flags win)");
+    auto run = cmd.setup(*sub);
+    sub->callback([&action, run] { action = run; });
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return action ? action() : 2;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,3 @@
+// tq: the whole framework in one include.
+#pragma once
+#include "tq/core/error.hpp"

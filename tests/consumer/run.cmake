@@ -1,0 +1,23 @@
+# Installs tq from the build tree BIN into a staging prefix, then configures, builds and runs the
+# outside project in tests/consumer/project, which only knows find_package(tq).
+set(prefix ${BIN}/consumer/prefix)
+set(work ${BIN}/consumer/build)
+file(REMOVE_RECURSE ${prefix} ${work})
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${BIN} --prefix ${prefix} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "install of tq failed (${rc})")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${SRC}/tests/consumer/project -B ${work} -G ${GENERATOR}
+  -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configuring the consumer project failed (${rc})")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${work} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "building the consumer project failed (${rc})")
+endif()
+execute_process(COMMAND ${work}/tq_consumer RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+message(STATUS "${out}")
+if(NOT rc EQUAL 0 OR NOT out MATCHES "tq consumer ok")
+  message(FATAL_ERROR "the consumer program failed (${rc}): ${out}")
+endif()
