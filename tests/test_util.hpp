@@ -1,0 +1,61 @@
+// Shared helpers for tq's tests: fresh random inputs (never zeros) and float64 comparisons.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <tq/tq.hpp>
+
+#include <random>
+
+namespace tq::test {
+
+// A fresh seed per call (printed by the caller on failure through SCOPED_TRACE).
+inline uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (uint64_t(rd()) << 32) | rd();
+}
+
+// Random tensor in [lo, hi) of the given dtype; a new draw every call.
+inline Tensor random(const Shape& shape, DType dtype = DType::f64, double lo = -1.0, double hi = 1.0) {
+  static Generator gen(fresh_seed());
+  return rand(shape, gen, dtype, lo, hi);
+}
+
+// Random shape of `ndim` dims with sizes in [1, max] (size-1 dims are common on purpose).
+inline Shape random_shape(int ndim, int64_t max = 5) {
+  static std::mt19937_64 rng(fresh_seed());
+  Shape s;
+  for (int i = 0; i < ndim; ++i) s.push_back(1 + int64_t(rng() % uint64_t(max)));
+  return s;
+}
+
+inline double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    double d = std::abs(a[i] - b[i]);
+    if (d != d) return INFINITY;
+    m = std::max(m, d);
+  }
+  return m;
+}
+
+// Every element of `t` equals `ref` within atol + rtol·|ref|.
+inline ::testing::AssertionResult all_close(const Tensor& t, const std::vector<double>& ref, double atol = 1e-10,
+                                            double rtol = 1e-10) {
+  std::vector<double> v = t.to_vector<double>();
+  if (v.size() != ref.size()) return ::testing::AssertionFailure() << "size " << v.size() << " vs " << ref.size();
+  for (size_t i = 0; i < v.size(); ++i) {
+    double err = std::abs(v[i] - ref[i]);
+    if (!(err <= atol + rtol * std::abs(ref[i])))
+      return ::testing::AssertionFailure() << "element " << i << ": got " << v[i] << ", expected " << ref[i];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+inline ::testing::AssertionResult grad_ok(const GradcheckResult& r) {
+  if (r.ok) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "gradcheck failed: " << r.first_failure << " (max abs error " << r.max_abs_error
+                                       << ")";
+}
+
+}  // namespace tq::test
