@@ -4,6 +4,7 @@
 #include <cmath>
 #include <iomanip>
 #include <numeric>
+#include <optional>
 #include <sstream>
 
 #include "tq/autograd/node.hpp"
