@@ -243,6 +243,34 @@ class ParseError : public Error {
 
 namespace detail {
 
+inline void dump_string(std::string& out, std::string_view s) {
+  size_t bad = utf8_invalid_offset(s);
+  TQ_CHECK(bad == std::string_view::npos, "JSON writer: string has invalid UTF-8 at byte ", bad);
+  static const char* hex = "0123456789abcdef";
+  out += '"';
+  for (char ch : s) {
+    const uint8_t c = uint8_t(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          out += "\\u00";
+          out += hex[c >> 4];
+          out += hex[c & 15];
+        } else {
+          out += ch;
+        }
+    }
+  }
+  out += '"';
+}
+
 class Parser {
  public:
   static constexpr int kMaxDepth = 256;  // nesting limit: protects the stack from hostile input
@@ -322,7 +350,11 @@ class Parser {
       size_t key_at = i_;
       std::string key = parse_string();
       for (const auto& kv : obj)
-        if (kv.first == key) error(str_cat("expected a unique key, but \"", key, "\" appears twice"), key_at);
+        if (kv.first == key) {
+          std::string quoted;
+          dump_string(quoted, key);  // escaped, so the message stays on one line
+          error(str_cat("expected a unique key, but ", quoted, " appears twice"), key_at);
+        }
       skip_ws();
       if (peek() != ':') error("expected ':' after an object key");
       ++i_;
@@ -470,34 +502,6 @@ class Parser {
     }
   }
 };
-
-inline void dump_string(std::string& out, std::string_view s) {
-  size_t bad = utf8_invalid_offset(s);
-  TQ_CHECK(bad == std::string_view::npos, "JSON writer: string has invalid UTF-8 at byte ", bad);
-  static const char* hex = "0123456789abcdef";
-  out += '"';
-  for (char ch : s) {
-    const uint8_t c = uint8_t(ch);
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          out += "\\u00";
-          out += hex[c >> 4];
-          out += hex[c & 15];
-        } else {
-          out += ch;
-        }
-    }
-  }
-  out += '"';
-}
 
 inline void dump_value(std::string& out, const Value& v, int indent, int level) {
   auto newline = [&](int lvl) {

@@ -37,6 +37,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <optional>  // before tensor.hpp: tq/core/tensor_impl.hpp uses std::optional without including it
 #include <string>
 #include <string_view>
 #include <utility>
@@ -168,14 +169,11 @@ inline void parse_offsets(std::string_view path, SafetensorsTensorInfo& t, const
 
 // Bytes needed by numel elements of `bits` each; false on overflow or a partial byte.
 inline bool needed_bytes(const Shape& shape, int bits, uint64_t& out) {
-  unsigned __int128 n = 1;
-  for (int64_t d : shape) {
-    n *= uint64_t(d);
-    if (n > (unsigned __int128)UINT64_MAX) return false;
-  }
-  n *= unsigned(bits);
-  if (n % 8 != 0 || n / 8 > (unsigned __int128)UINT64_MAX) return false;
-  out = uint64_t(n / 8);
+  uint64_t n = 1;
+  for (int64_t d : shape)
+    if (__builtin_mul_overflow(n, uint64_t(d), &n)) return false;
+  if (__builtin_mul_overflow(n, uint64_t(bits), &n) || n % 8 != 0) return false;
+  out = n / 8;
   return true;
 }
 
