@@ -12,3 +12,5 @@
 #include "tq/autograd/engine.hpp"
 #include "tq/autograd/checkpoint.hpp"
 #include "tq/autograd/gradcheck.hpp"
+#include "tq/io/json.hpp"
+#include "tq/io/safetensors.hpp"

@@ -6,22 +6,22 @@
 #include "tq/optim/schedule.hpp"
 
 using namespace tq;
-using nlohmann::json;
+using Json = nlohmann::json;
 
 namespace {
-json load_fixture(const std::string& name) {
+Json load_fixture(const std::string& name) {
   std::string path = std::string(TQ_FIXTURES) + "/optim/" + name;
   std::ifstream in(path);
   if (!in) throw std::runtime_error("missing fixture " + path + " (tools/fixtures/optim_fixtures.py makes it)");
-  return json::parse(in);
+  return Json::parse(in);
 }
-Tensor tensor_of(const json& values, const Shape& shape) {
+Tensor tensor_of(const Json& values, const Shape& shape) {
   return Tensor::from_vector<double>(values.get<std::vector<double>>(), shape).to(DType::f32);
 }
 }  // namespace
 
 TEST(AdamW, MatchesTorchOverTenStepsWithParamGroups) {
-  json fx = load_fixture("adamw_torch.json");
+  Json fx = load_fixture("adamw_torch.json");
   std::vector<Shape> shapes;
   for (auto& s : fx["shapes"]) shapes.push_back(s.get<Shape>());
   std::vector<Tensor> params;
@@ -86,7 +86,7 @@ TEST(AdamW, SkipsParamsWithoutGradAndRejectsNonLeaves) {
 }
 
 TEST(Schedule, EqualsHfLinearWarmupFor2366Steps) {
-  json fx = load_fixture("schedule_hf.json");
+  Json fx = load_fixture("schedule_hf.json");
   const int64_t n = fx["total_steps"];
   EXPECT_EQ(n, 2366);
   EXPECT_EQ(optim::warmup_steps_from_ratio(n, 0.03), fx["warmup_steps"].get<int64_t>());
@@ -99,7 +99,7 @@ TEST(Schedule, EqualsHfLinearWarmupFor2366Steps) {
 }
 
 TEST(ClipGradNorm, MatchesTorch) {
-  json fx = load_fixture("clip_torch.json");
+  Json fx = load_fixture("clip_torch.json");
   for (auto& c : fx["cases"]) {
     std::vector<Tensor> params;
     for (size_t i = 0; i < c["shapes"].size(); ++i) {

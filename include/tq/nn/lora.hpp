@@ -95,7 +95,7 @@ class LoRA : public LinearBase {
       Tensor ba = matmul(lora_B.detach(), lora_A.detach()).to(x.dtype());
       n = row_norm(w + ba * scaling());
     }
-    Tensor g = lora_magnitude_vector / n.to(DType::f32);  // (out)
+    Tensor g = lora_magnitude_vector / n.to(lora_magnitude_vector.dtype());  // (out)
     Tensor base_part;
     if (config.dropout > 0 && training()) {
       base_part = linear(xd, w);
