@@ -163,35 +163,61 @@ inline void load_synonyms(const std::filesystem::path& dir, SynonymDictionary& s
   }
 }
 
-inline std::string gunzip_file(const std::filesystem::path& p) {
 #if defined(TQ_HAVE_ZLIB)
-  gzFile f = gzopen(p.string().c_str(), "rb");
-  TQ_CHECK(f, "METEOR data: cannot open ", p.string());
-  gzbuffer(f, 1 << 20);
-  std::string out;
-  out.reserve(size_t{300} << 20);
-  std::vector<char> buf(size_t{4} << 20);
-  for (;;) {
-    const int n = gzread(f, buf.data(), static_cast<unsigned>(buf.size()));
-    if (n < 0) {
-      gzclose(f);
-      fail(str_cat("METEOR data: corrupt gzip file ", p.string()));
-    }
-    if (n == 0) break;
-    out.append(buf.data(), static_cast<size_t>(n));
+// Streams the lines of a gzip file without holding the decompressed text (272 MB for the table).
+class GzLineReader {
+ public:
+  explicit GzLineReader(const std::filesystem::path& p) : path_(p.string()), f_(gzopen(path_.c_str(), "rb")) {
+    TQ_CHECK(f_, "METEOR data: cannot open ", path_);
+    gzbuffer(f_, 1 << 20);
   }
-  gzclose(f);
-  return out;
-#else
-  fail(str_cat("METEOR data: built without zlib, cannot read ", p.string()));
+  ~GzLineReader() { gzclose(f_); }
+  GzLineReader(const GzLineReader&) = delete;
+  GzLineReader& operator=(const GzLineReader&) = delete;
+
+  // The next line without its terminator; valid until the next call. False at end of file.
+  bool next(std::string_view& line) {
+    for (;;) {
+      const size_t e = buf_.find('\n', pos_);
+      if (e != std::string::npos) {
+        line = std::string_view(buf_).substr(pos_, e - pos_);
+        pos_ = e + 1;
+        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        return true;
+      }
+      if (eof_) {
+        if (pos_ >= buf_.size()) return false;
+        line = std::string_view(buf_).substr(pos_);
+        pos_ = buf_.size();
+        return true;
+      }
+      buf_.erase(0, pos_);
+      pos_ = 0;
+      const size_t old = buf_.size();
+      buf_.resize(old + kChunk);
+      const int n = gzread(f_, buf_.data() + old, static_cast<unsigned>(kChunk));
+      TQ_CHECK(n >= 0, "METEOR data: corrupt gzip file ", path_);
+      buf_.resize(old + static_cast<size_t>(n));
+      eof_ = n == 0;
+    }
+  }
+
+ private:
+  static constexpr size_t kChunk = size_t{4} << 20;
+  std::string path_;
+  gzFile f_;
+  std::string buf_;
+  size_t pos_ = 0;
+  bool eof_ = false;
+};
 #endif
-}
 
 inline void load_paraphrases(const std::filesystem::path& path, ParaphraseTable& t) {
-  const std::string text = gunzip_file(path);
+#if defined(TQ_HAVE_ZLIB)
+  GzLineReader reader(path);
   t.vocab.reserve(1 << 20);
-  t.entries.reserve(6'000'000);
-  t.pool.reserve(24'000'000);
+  t.entries.reserve(5'400'000);
+  t.pool.reserve(20'000'000);
   std::vector<std::string_view> toks;
   std::string key;
   auto add_phrase = [&](std::string_view line, uint16_t& len) {
@@ -206,22 +232,13 @@ inline void load_paraphrases(const std::filesystem::path& path, ParaphraseTable&
     return off;
   };
   // Groups of three lines: probability (ignored), reference phrase, paraphrase.
-  size_t pos = 0;
-  auto next_line = [&](std::string_view& line) {
-    if (pos >= text.size()) return false;
-    size_t e = text.find('\n', pos);
-    if (e == std::string::npos) e = text.size();
-    line = std::string_view(text).substr(pos, e - pos);
-    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-    pos = e + 1;
-    return true;
-  };
-  std::string_view prob, ref, par;
-  while (next_line(prob)) {
-    TQ_CHECK(next_line(ref) && next_line(par), "METEOR data: truncated paraphrase table ", path.string());
+  std::string_view line;
+  while (reader.next(line)) {
     ParaphraseTable::Entry e{};
-    e.ref_off = add_phrase(ref, e.ref_len);
-    e.par_off = add_phrase(par, e.par_len);
+    TQ_CHECK(reader.next(line), "METEOR data: truncated paraphrase table ", path.string());
+    e.ref_off = add_phrase(line, e.ref_len);
+    TQ_CHECK(reader.next(line), "METEOR data: truncated paraphrase table ", path.string());
+    e.par_off = add_phrase(line, e.par_len);
     t.max_ref_len = std::max<size_t>(t.max_ref_len, e.ref_len);
     t.entries.push_back(e);
   }
@@ -229,6 +246,9 @@ inline void load_paraphrases(const std::filesystem::path& path, ParaphraseTable&
   for (size_t i = 0; i < t.entries.size(); ++i)
     t.index[i] = {ParaphraseTable::phrase_hash(t.ref(t.entries[i])), static_cast<uint32_t>(i)};
   std::sort(t.index.begin(), t.index.end());
+#else
+  fail(str_cat("METEOR data: built without zlib, cannot read ", path.string()));
+#endif
 }
 
 }  // namespace meteor_detail
