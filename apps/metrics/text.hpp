@@ -205,8 +205,9 @@ inline std::u32string java_lower(std::u32string_view s) {
       out.push_back(0x307);
     } else if (c == 0x3A3) {
       // Final sigma: preceded by a letter and not followed by one.
-      const bool before = i > 0 && std::iswalpha(static_cast<wint_t>(s[i - 1]));
-      const bool after = i + 1 < s.size() && std::iswalpha(static_cast<wint_t>(s[i + 1]));
+      auto alpha = [&](char32_t x) { return loc != static_cast<locale_t>(0) && iswalpha_l(static_cast<wint_t>(x), loc); };
+      const bool before = i > 0 && alpha(s[i - 1]);
+      const bool after = i + 1 < s.size() && alpha(s[i + 1]);
       out.push_back(before && !after ? 0x3C2 : 0x3C3);
     } else if (loc != static_cast<locale_t>(0)) {
       out.push_back(static_cast<char32_t>(towlower_l(static_cast<wint_t>(c), loc)));
