@@ -3,7 +3,7 @@
 // float32) -> (x - 0.5) / 0.5 -> CHW float32.
 //
 // The resize reproduces Pillow's Resample.c for 8-bit images bit for bit: separable passes
-// (horizontal, then vertical, each skipped when that side keeps its size), a = -0.5 cubic
+// (each skipped when that side keeps its size; order per Pillow version, below), a = -0.5 cubic
 // kernel widened by the downscale factor, coefficients normalized in double then rounded to
 // 22-bit fixed point, rounding-and-clipping to uint8 between the passes. Same size = copy, as
 // Image.resize returns self.copy(). Decoding is stb_image, not libjpeg: JPEG pixels may differ
@@ -111,46 +111,73 @@ inline uint8_t clip8(int32_t v) {
 
 }  // namespace detail
 
-// PIL Image.resize((out_w, out_h), Image.BICUBIC) on an RGB uint8 image.
-inline ImageU8 resize_bicubic(const ImageU8& in, int out_w, int out_h) {
+// Which pass Pillow runs first. The two orders round differently (uint8 between the passes), so
+// for bit-exactness the version matters when one side grows and the other shrinks:
+//  * Pillow <= 12.1 always runs horizontal first (what a 2025 Colab, i.e. the reference run, had);
+//  * Pillow 12.2 runs vertical first for very tall images (height > 100 x width, height shrinks);
+//  * Pillow 13 runs vertical first whenever the width does not shrink and the height does.
+enum class PilResizeOrder { Pillow12_1, Pillow12_2, Pillow13 };
+
+inline bool pil_vertical_first(int in_w, int in_h, int out_w, int out_h, PilResizeOrder order) {
+  switch (order) {
+    case PilResizeOrder::Pillow12_1: return false;
+    case PilResizeOrder::Pillow12_2: return in_h > in_w * 100 && out_h < in_h;
+    case PilResizeOrder::Pillow13: return out_w >= in_w && out_h < in_h;
+  }
+  return false;
+}
+
+namespace detail {
+
+inline ImageU8 resample_horizontal(const ImageU8& in, int out_w) {
+  const auto c = precompute_coeffs(in.width, out_w);
+  ImageU8 out{out_w, in.height, std::vector<uint8_t>(static_cast<size_t>(out_w) * in.height * 3)};
+  for (int y = 0; y < in.height; ++y) {
+    const uint8_t* src = &in.rgb[static_cast<size_t>(y) * in.width * 3];
+    uint8_t* dst = &out.rgb[static_cast<size_t>(y) * out_w * 3];
+    for (int xx = 0; xx < out_w; ++xx) {
+      const int32_t* k = &c.k[static_cast<size_t>(xx) * c.ksize];
+      int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+      const uint8_t* p = src + c.xmin[xx] * 3;
+      for (int x = 0; x < c.count[xx]; ++x, p += 3) s0 += p[0] * k[x], s1 += p[1] * k[x], s2 += p[2] * k[x];
+      dst[xx * 3] = clip8(s0), dst[xx * 3 + 1] = clip8(s1), dst[xx * 3 + 2] = clip8(s2);
+    }
+  }
+  return out;
+}
+
+inline ImageU8 resample_vertical(const ImageU8& in, int out_h) {
+  const auto c = precompute_coeffs(in.height, out_h);
+  const size_t row = static_cast<size_t>(in.width) * 3;
+  ImageU8 out{in.width, out_h, std::vector<uint8_t>(row * out_h)};
+  for (int yy = 0; yy < out_h; ++yy) {
+    const int32_t* k = &c.k[static_cast<size_t>(yy) * c.ksize];
+    uint8_t* dst = &out.rgb[static_cast<size_t>(yy) * row];
+    for (size_t i = 0; i < row; ++i) {
+      int32_t s = 1 << (kPrecisionBits - 1);
+      const uint8_t* p = &in.rgb[static_cast<size_t>(c.xmin[yy]) * row + i];
+      for (int y = 0; y < c.count[yy]; ++y, p += row) s += *p * k[y];
+      dst[i] = clip8(s);
+    }
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// PIL Image.resize((out_w, out_h), Image.BICUBIC) on an RGB uint8 image; a pass is skipped when
+// its side keeps its size, and equal sizes return a copy, as Pillow does.
+inline ImageU8 resize_bicubic(const ImageU8& in, int out_w, int out_h,
+                              PilResizeOrder order = PilResizeOrder::Pillow12_1) {
   TQ_CHECK(out_w > 0 && out_h > 0 && in.width > 0 && in.height > 0, "resize: bad sizes ", in.width,
            "x", in.height, " -> ", out_w, "x", out_h);
-  ImageU8 cur = in;
-  if (out_w != in.width) {
-    const auto c = detail::precompute_coeffs(in.width, out_w);
-    ImageU8 tmp{out_w, in.height, std::vector<uint8_t>(static_cast<size_t>(out_w) * in.height * 3)};
-    for (int y = 0; y < in.height; ++y) {
-      const uint8_t* src = &cur.rgb[static_cast<size_t>(y) * in.width * 3];
-      uint8_t* dst = &tmp.rgb[static_cast<size_t>(y) * out_w * 3];
-      for (int xx = 0; xx < out_w; ++xx) {
-        const int32_t* k = &c.k[static_cast<size_t>(xx) * c.ksize];
-        int32_t s0 = 1 << (detail::kPrecisionBits - 1), s1 = s0, s2 = s0;
-        const uint8_t* p = src + c.xmin[xx] * 3;
-        for (int x = 0; x < c.count[xx]; ++x, p += 3) {
-          s0 += p[0] * k[x], s1 += p[1] * k[x], s2 += p[2] * k[x];
-        }
-        dst[xx * 3] = detail::clip8(s0), dst[xx * 3 + 1] = detail::clip8(s1), dst[xx * 3 + 2] = detail::clip8(s2);
-      }
-    }
-    cur = std::move(tmp);
-  }
-  if (out_h != in.height) {
-    const auto c = detail::precompute_coeffs(in.height, out_h);
-    const int w = cur.width;
-    ImageU8 tmp{w, out_h, std::vector<uint8_t>(static_cast<size_t>(w) * out_h * 3)};
-    for (int yy = 0; yy < out_h; ++yy) {
-      const int32_t* k = &c.k[static_cast<size_t>(yy) * c.ksize];
-      uint8_t* dst = &tmp.rgb[static_cast<size_t>(yy) * w * 3];
-      for (int i = 0; i < w * 3; ++i) {
-        int32_t s = 1 << (detail::kPrecisionBits - 1);
-        const uint8_t* p = &cur.rgb[static_cast<size_t>(c.xmin[yy]) * w * 3 + i];
-        for (int y = 0; y < c.count[yy]; ++y, p += static_cast<size_t>(w) * 3) s += *p * k[y];
-        dst[i] = detail::clip8(s);
-      }
-    }
-    cur = std::move(tmp);
-  }
-  return cur;
+  const bool need_h = out_w != in.width, need_v = out_h != in.height;
+  if (!need_h && !need_v) return in;
+  if (!need_h) return detail::resample_vertical(in, out_h);
+  if (!need_v) return detail::resample_horizontal(in, out_w);
+  if (pil_vertical_first(in.width, in.height, out_w, out_h, order))
+    return detail::resample_horizontal(detail::resample_vertical(in, out_h), out_w);
+  return detail::resample_vertical(detail::resample_horizontal(in, out_w), out_h);
 }
 
 // u8 -> ((float32)(u8 * (1/255 in float64)) - 0.5f) / 0.5f, the processor's rescale + normalize.
@@ -180,9 +207,10 @@ inline void normalize_to_chw(const ImageU8& img, float* out) {
 
 // The whole processor path for one encoded image into a (3, size_h, size_w) float buffer.
 inline void preprocess_image(std::string_view bytes, int out_w, int out_h, float* out,
-                             const std::string& where) {
+                             const std::string& where,
+                             PilResizeOrder order = PilResizeOrder::Pillow12_1) {
   ImageU8 img = decode_image(bytes, where);
-  if (img.width != out_w || img.height != out_h) img = resize_bicubic(img, out_w, out_h);
+  if (img.width != out_w || img.height != out_h) img = resize_bicubic(img, out_w, out_h, order);
   normalize_to_chw(img, out);
 }
 
