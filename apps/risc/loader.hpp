@@ -125,7 +125,7 @@ class Loader {
       for (int64_t i = static_cast<int64_t>(order_.size()) - 1; i >= 1; --i)
         std::swap(order_[static_cast<size_t>(i)], order_[rng.random_interval(static_cast<uint64_t>(i))]);
     }
-    const auto n = static_cast<int64_t>(order_.size()), b = opt_.batch_size;
+    const auto n = static_cast<int64_t>(order_.size()), b = static_cast<int64_t>(opt_.batch_size);
     num_batches_ = opt_.drop_last ? n / b : (n + b - 1) / b;
     next_claim_ = 0;
     next_out_ = 0;
