@@ -178,3 +178,27 @@ TEST(RiscParquetErrors, EmptyAndTinyFiles) {
     EXPECT_NE(error_of([&] { read_all(p); }), "<no error>") << n;
   }
 }
+
+// Inputs kept from fuzzing (tools/fuzz_parquet.sh): each must decode or throw tq::Error, never
+// crash. A crash the fuzzer finds is added to tests/fixtures/risc/fuzz/ and so runs here.
+TEST(RiscFuzzRegressions, KeptInputsDecodeOrThrow) {
+  const std::string dir = risc_test::fixture("fuzz");
+  if (!std::filesystem::is_directory(dir)) GTEST_SKIP() << "no kept fuzz inputs";
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::string bytes = read_whole_file(e.path());
+    try {
+      ParquetFile f(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), e.path().string());
+      for (size_t g = 0; g < f.num_row_groups(); ++g)
+        for (size_t c = 0; c < f.leaves().size(); ++c) {
+          try {
+            f.read_column(g, c);
+          } catch (const tq::Error&) {
+          }
+        }
+    } catch (const tq::Error&) {
+    }
+    ++n;
+  }
+  EXPECT_GT(n, 0);
+}
