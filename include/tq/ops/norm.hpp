@@ -11,6 +11,8 @@
 // the weight/bias gradients over rows in double.
 #pragma once
 
+#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
+
 #include <cmath>
 
 #include "tq/ops/matmul.hpp"

@@ -8,6 +8,8 @@
 // features into the `<image>` token slots.
 #pragma once
 
+#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
+
 #include <cstring>
 
 #include "tq/ops/matmul.hpp"
