@@ -313,7 +313,10 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
                                            const AttentionOptions& opt = {}) {
   Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
   Tensor out = ops::attention_forward(qd, kd, vd, opt);
-  AttentionOptions saved = opt;  // mask tensors are integer data, kept as given
+  // Masks are copied so that in-place edits by the caller before backward cannot change it.
+  AttentionOptions saved = opt;
+  for (Tensor* t : {&saved.token_type_ids, &saved.prefix_lengths, &saved.key_padding})
+    if (t->defined()) *t = t->detach().clone();
   return record("scaled_dot_product_attention", out, {q, k, v}, [qd, kd, vd, saved](const Tensor& g) {
     return ops::attention_backward(g, qd, kd, vd, saved);
   });
