@@ -41,7 +41,9 @@ TEST(Nf4Tables, ThresholdsAreTheKernelLiteralsRoundedOnce) {
   EXPECT_EQ(nf4::quantize_code(-1.5f), 0);
   for (int i = 0; i < 256; ++i) {
     EXPECT_EQ(nf4::quantize_dyn(nf4::dyn(i)), i);
-    if (i) EXPECT_LT(nf4::dyn(i - 1), nf4::dyn(i));
+    if (i) {
+      EXPECT_LT(nf4::dyn(i - 1), nf4::dyn(i));
+    }
   }
 }
 
@@ -93,7 +95,7 @@ TEST(Nf4Quantize, AllZeroBlockIsCodeZero) {
   // GPU: absmax 0 → scale inf → 0·inf = NaN → every comparison false → code 0 (−1.0).
   auto f = test::read_safetensors(test::fixture_path("w10x64_zeroblock_f32.safetensors"));
   for (bool dq : {true, false}) {
-    NF4Tensor q = nf4_quantize(f.tensors.at("input"), {.double_quant = dq});
+    NF4Tensor q = nf4_quantize(f.tensors.at("input"), {.double_quant = dq, .offset = std::nullopt});
     const uint8_t* p = q.packed.data<uint8_t>();
     for (int j = 0; j < 32; ++j) EXPECT_EQ(p[3 * 32 + j], 0) << "block 3 byte " << j;
     const std::vector<float> am = nf4::block_absmax(q);
@@ -103,7 +105,9 @@ TEST(Nf4Quantize, AllZeroBlockIsCodeZero) {
     // reconstruction of 0 (not exactly 0), so the block becomes −am — the same as bnb (fixture .gpu).
     for (int i = 3 * 64; i < 4 * 64; ++i) {
       EXPECT_EQ(d[i], -am[3]) << i;
-      if (!dq) EXPECT_TRUE(d[i] == 0.0f && std::signbit(d[i])) << i;
+      if (!dq) {
+        EXPECT_TRUE(d[i] == 0.0f && std::signbit(d[i])) << i;
+      }
     }
     // block 5: one value −0.25 → code 0 → exactly −absmax; the zeros around it → code 7 → +0.
     EXPECT_EQ(d[5 * 64 + 17], -am[5]);
@@ -121,7 +125,7 @@ TEST(Nf4Quantize, OddLengthPadNibble) {
 
 TEST(Nf4Quantize, WithoutDoubleQuantRoundTrips) {
   Tensor w = test::random({5, 77}, DType::bf16, -0.1, 0.1);
-  NF4Tensor q = nf4_quantize(w, {.double_quant = false});
+  NF4Tensor q = nf4_quantize(w, {.double_quant = false, .offset = std::nullopt});
   EXPECT_EQ(q.absmax.dtype(), DType::f32);
   EXPECT_FALSE(q.nested_absmax.defined());
   const std::string blob = nf4_quant_state_json(q);
