@@ -1,0 +1,77 @@
+// NF4Linear: a frozen bitsandbytes Linear4bit (nf4, compute dtype bf16), bnb 0.49.2's MatMul4Bit path
+// (spec A.10):
+//   forward   W = dequantize(NF4) → bf16 scratch (out, in), reused across calls, reallocated only when the
+//             shape changes; y = bf16(x_bf16 · Wᵀ + bias_bf16) with fp32 accumulation, rounded once;
+//             the result is cast back to x's dtype.
+//   backward  dx = bf16(dy_bf16 · W_bf16) cast to x's dtype; no weight gradient (frozen), no bias gradient.
+// An f64 input runs the same math in f64 on the dequantized weight (a reference mode for gradient tests).
+// Invariant: the scratch never outlives a call's meaning — backward re-dequantizes instead of keeping W.
+// CUDA dispatch (later): small M → fused NF4 GEMV/GEMM on the packed codes; large M → dequant + our GEMM.
+#pragma once
+
+#include "tq/ops/elementwise.hpp"
+#include "tq/ops/matmul.hpp"
+#include "tq/quant/nf4.hpp"
+
+namespace tq {
+
+class NF4Linear {
+ public:
+  NF4Linear() = default;
+  explicit NF4Linear(NF4Tensor weight, Tensor bias = Tensor()) : weight_(std::move(weight)), bias_(std::move(bias)) {
+    TQ_CHECK(weight_.shape.size() == 2, "NF4Linear: weight must be (out, in), got shape ", weight_.shape);
+    TQ_CHECK(!bias_.defined() || (bias_.dim() == 1 && bias_.size(0) == out_features()), "NF4Linear: bias ",
+             describe(bias_), " does not match ", out_features(), " outputs");
+    if (bias_.defined()) bias_ = bias_.detach();
+  }
+
+  int64_t in_features() const { return weight_.shape[1]; }
+  int64_t out_features() const { return weight_.shape[0]; }
+  const NF4Tensor& weight() const { return weight_; }
+  const Tensor& bias() const { return bias_; }
+
+  // The dequantized weight in the compute dtype, in the reused scratch buffer: bf16 (out, in).
+  const Tensor& dequantized_weight() {
+    if (!scratch_.defined() || scratch_.shape() != weight_.shape) scratch_ = Tensor::empty(weight_.shape, DType::bf16);
+    nf4_dequantize_into(weight_, scratch_);
+    return scratch_;
+  }
+
+  // y (..., out) = x (..., in) · W_deqᵀ + b, in x's dtype.
+  Tensor forward(const Tensor& x) {
+    TQ_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == in_features(), "NF4Linear: input ", describe(x),
+             " does not match ", in_features(), " input features");
+    TQ_CHECK(is_floating(x.dtype()), "NF4Linear: input must be a float tensor, got ", describe(x));
+    const bool ref = x.dtype() == DType::f64;
+    const Tensor& w = dequantized_weight();
+    Tensor x2 = x.detach().reshape({-1, in_features()});
+    // bf16 operands are exact in f32: one f32 GEMM + bias, then a single rounding, as cuBLAS' epilogue does.
+    const DType acc = ref ? DType::f64 : DType::f32;
+    Tensor xa = (ref ? x2 : x2.to(DType::bf16)).to(acc);
+    Tensor y = ops::matmul(xa, w.to(acc), false, true);
+    if (bias_.defined()) y = ops::binary(BinaryOp::add, y, (ref ? bias_ : bias_.to(DType::bf16)).to(acc));
+    if (!ref) y = y.to(DType::bf16);
+    Shape os(x.shape().begin(), x.shape().end() - 1);
+    os.push_back(out_features());
+    Tensor out = y.to(x.dtype()).reshape(os);
+    NF4Tensor wq = weight_;
+    const DType xdt = x.dtype();
+    const Shape xs = x.shape();
+    return record("nf4_linear", out, {x}, [wq, xdt, xs](const Tensor& g) {
+      const bool r = xdt == DType::f64;
+      Tensor w_deq = nf4_dequantize(wq, DType::bf16);
+      Tensor g2 = g.detach().reshape({-1, wq.shape[0]});
+      Tensor dx = r ? ops::matmul(g2.to(DType::f64), w_deq.to(DType::f64))
+                    : ops::matmul(g2.to(DType::bf16), w_deq);  // bf16 in, fp32 accumulate, bf16 out
+      return std::vector<Tensor>{dx.to(xdt).reshape(xs)};
+    });
+  }
+  Tensor operator()(const Tensor& x) { return forward(x); }
+
+ private:
+  NF4Tensor weight_;
+  Tensor bias_;
+  Tensor scratch_;  // bf16 (out, in)
+};
+
+}  // namespace tq
