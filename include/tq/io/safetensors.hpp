@@ -37,7 +37,6 @@
 #include <map>
 #include <memory>
 #include <numeric>
-#include <optional>  // before tensor.hpp: tq/core/tensor_impl.hpp uses std::optional without including it
 #include <string>
 #include <string_view>
 #include <utility>

@@ -13,7 +13,6 @@
 // weight's dtype first).
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include "tq/ops/matmul.hpp"
 

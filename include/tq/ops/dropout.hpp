@@ -9,7 +9,6 @@
 // p = 0: the identity (the input itself is returned). p = 1 drops everything (zeros).
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include "tq/core/rng.hpp"
 #include "tq/ops/matmul.hpp"

@@ -7,7 +7,6 @@
 // gradient, as torch.nn.Embedding(padding_idx=...) (Gemma's embed_tokens uses padding_idx 0).
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include <cstring>
 

@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <functional>
-#include <optional>  // tq/core/tensor_impl.hpp uses std::optional without including it
 
 #include "tq/ops/cpu_util.hpp"
 

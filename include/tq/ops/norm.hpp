@@ -11,7 +11,6 @@
 // the weight/bias gradients over rows in double.
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include <cmath>
 

@@ -13,7 +13,6 @@
 //   gx = g·cos + rotate_halfᵀ(g·sin),  rotate_halfᵀ(v) = cat(v[D/2:], −v[:D/2]).
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include <cmath>
 #include <utility>

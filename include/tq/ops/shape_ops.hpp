@@ -8,7 +8,6 @@
 // features into the `<image>` token slots.
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include <cstring>
 

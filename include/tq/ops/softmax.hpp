@@ -8,7 +8,6 @@
 // so the input need not be kept alive.
 #pragma once
 
-#include <optional>  // core/tensor_impl.hpp uses std::optional without including it
 
 #include <cmath>
 #include <limits>
