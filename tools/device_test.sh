@@ -12,7 +12,7 @@ mkdir -p "$out"
 export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv,noheader || true
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
+echo "commit: $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 bin=""
 if [[ -n "${TQ_PREBUILT:-}" && -x "$TQ_PREBUILT/tq_tests" ]] &&
