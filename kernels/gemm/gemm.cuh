@@ -1,7 +1,8 @@
 // tq GEMM entry point: gemm(params, stream) validates the parameters and picks a kernel.
-//   - M <= 16                      -> skinny (GEMV-like, split-K with fp32 atomics)
-//   - sm_90 and the sm_90a build   -> TMA + wgmma persistent kernel (split-K by a cost model)
-//   - otherwise                    -> mma.sync sm_80 kernel
+//   - sm_90 and the sm_90a build   -> TMA + wgmma persistent kernel, any M (split-K and tile
+//                                     width by a cost model; small M is memory-bound there too)
+//   - elsewhere, M <= 16           -> skinny (GEMV-like, split-K with fp32 atomics)
+//   - elsewhere                    -> mma.sync sm_80 kernel
 //   - operands the vector paths cannot take (unaligned, ld % 8 != 0, K % 8 != 0) -> SIMT kernel
 // `TQ_GEMM=cublas` in the environment routes every call to cuBLASLt (the benchmark reference);
 // nothing else ever does. See gemm_common.cuh for the layout convention.
@@ -66,8 +67,8 @@ inline void gemm(const GemmParams& p, cudaStream_t stream) {
   GemmKernel k = p.kernel;
   if (gemm_env_cublas()) k = GemmKernel::cublas;
   if (k == GemmKernel::auto_select) {
-    if (skinny::operands_fit(p)) k = GemmKernel::skinny;
-    else if (sm90::operands_fit(p) && gemm_sm90_available()) k = GemmKernel::sm90;
+    if (sm90::operands_fit(p) && gemm_sm90_available()) k = GemmKernel::sm90;
+    else if (skinny::operands_fit(p)) k = GemmKernel::skinny;
     else if (sm80::operands_fit(p)) k = GemmKernel::sm80;
     else k = GemmKernel::simt;
   }

@@ -64,6 +64,7 @@ struct Epilogue {
   int M, N;
   bool c_f32, bias_f32;
   bool pair_ok;  // two adjacent columns can be stored as one vector (even N, ldc, ldr, aligned)
+  bool quad_ok;  // four adjacent columns likewise (N, ldc, ldr % 4 == 0, bias/C/R aligned)
 };
 
 inline Epilogue make_epilogue(const GemmParams& p) {
@@ -83,6 +84,11 @@ inline Epilogue make_epilogue(const GemmParams& p) {
   e.pair_ok = p.N % 2 == 0 && p.ldc % 2 == 0 && reinterpret_cast<uintptr_t>(p.C) % vec == 0 &&
               (p.residual == nullptr ||
                (p.ldr % 2 == 0 && reinterpret_cast<uintptr_t>(p.residual) % vec == 0));
+  auto al = [](const void* q, size_t a) { return reinterpret_cast<uintptr_t>(q) % a == 0; };
+  const size_t osz = e.c_f32 ? 4 : 2;
+  e.quad_ok = p.N % 4 == 0 && p.ldc % 4 == 0 && al(p.C, 4 * osz) &&
+              (p.residual == nullptr || (p.ldr % 4 == 0 && al(p.residual, 4 * osz))) &&
+              (p.bias == nullptr || al(p.bias, e.bias_f32 ? 16 : 8));
   return e;
 }
 
@@ -124,6 +130,42 @@ __device__ __forceinline__ void epi_store2(const Epilogue& e, int row, int col, 
   } else {
     epi_store1(e, row, col, v0);
     epi_store1(e, row, col + 1, v1);
+  }
+}
+
+// Columns col .. col + 3 of one row (col % 4 == 0).
+__device__ __forceinline__ void epi_store4(const Epilogue& e, int row, int col, float4 v) {
+  if (row >= e.M) return;
+  if (!(e.quad_ok && col + 3 < e.N)) {
+    epi_store2(e, row, col, v.x, v.y);
+    epi_store2(e, row, col + 2, v.z, v.w);
+    return;
+  }
+  float4 x = make_float4(v.x * e.alpha, v.y * e.alpha, v.z * e.alpha, v.w * e.alpha);
+  auto add4 = [&](const void* base, int64_t idx, bool f32, float scale) {
+    float4 t;
+    if (f32) {
+      t = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
+    } else {
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(base) + idx);
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      t = make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+    x.x += scale * t.x, x.y += scale * t.y, x.z += scale * t.z, x.w += scale * t.w;
+  };
+  if (e.bias) add4(e.bias, col, e.bias_f32, 1.0f);
+  if (e.beta != 0.0f) add4(e.C, row * e.ldc + col, e.c_f32, e.beta);
+  if (e.residual) add4(e.residual, row * e.ldr + col, e.c_f32, 1.0f);
+  const int64_t idx = row * e.ldc + col;
+  if (e.c_f32) {
+    *reinterpret_cast<float4*>(static_cast<float*>(e.C) + idx) = x;
+  } else {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(e.C) + idx) = raw;
   }
 }
 

@@ -38,9 +38,14 @@ struct Config {
   static constexpr int kABytes = kBM * kBK * 2;  // 16 KiB
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kStages = BN == 256 ? 4 : BN == 192 ? 5 : 6;
+  static constexpr int kStages = BN == 192 ? 4 : BN == 256 ? 4 : 6;
+  // Epilogue staging: per consumer warpgroup a (64, 64) fp32 chunk of its accumulator; the
+  // 16-byte column chunks of row r are XOR-swizzled by (r & 7) against bank conflicts.
+  static constexpr int kStagePitch = 64;
+  static constexpr int kEpiBytes = 2 * 64 * kStagePitch * 4;
   // + 1024 to align the ring to the 128B-swizzle atom, + barriers.
-  static constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+  static_assert(kSmemBytes <= 232448, "over the sm_90 shared-memory limit");
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -128,6 +133,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
   // ring: stage s = A tile at base + s*kStageBytes, B tile right after it
   const uint32_t bars = base + S * Cfg::kStageBytes;  // full[S], then empty[S]
+  // epilogue staging, (64, kStagePitch) fp32 per consumer warpgroup, after the barriers
+  float* epi_stage = reinterpret_cast<float*>(smem_raw + (bars + 16u * S - smem_addr(smem_raw)));
   auto full = [&](int s) { return bars + 8u * s; };
   auto empty = [&](int s) { return bars + 8u * (S + s); };
 
@@ -216,31 +223,43 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
       if (prev >= 0 && lane == 0) mbar_arrive(empty(prev));
 
-      // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...)
-      const int r = tm * kBM + cw * 64 + warp * 16 + lane / 4;
-      const int c0 = tn * BN + 2 * (lane % 4);
-      if (sched.splits == 1) {
+      // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...),
+      // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4). Stores straight from the fragment would be
+      // 16-byte pieces of 8 rows per warp instruction; instead each 64-column chunk goes through
+      // shared memory and leaves as whole row segments (a warp: 2 rows x 64 columns, 16 B/lane).
+      float* st = epi_stage + cw * 64 * Cfg::kStagePitch;  // (64, 64) chunk of this warpgroup
+      const int split = u % sched.splits;
+      float* ws_out = ws + static_cast<int64_t>(split) * epi.M * epi.N;  // (M, N) fp32 partials
+      const int row0 = tm * kBM + cw * 64;
 #pragma unroll
-        for (int q = 0; q < BN / 8; ++q) {
-          epi_store2(epi, r, c0 + 8 * q, acc[4 * q], acc[4 * q + 1]);
-          epi_store2(epi, r + 8, c0 + 8 * q, acc[4 * q + 2], acc[4 * q + 3]);
+      for (int j = 0; j < BN / 64; ++j) {
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");  // previous chunk read out
+#pragma unroll
+        for (int q = 8 * j; q < 8 * j + 8; ++q) {
+          const int rr = warp * 16 + lane / 4, cc = 8 * (q - 8 * j) + 2 * (lane % 4);
+          const int sw = ((cc / 4) ^ (rr & 7)) * 4 + cc % 4;  // rows rr and rr + 8 swizzle alike
+          *reinterpret_cast<float2*>(st + rr * Cfg::kStagePitch + sw) = make_float2(acc[4 * q], acc[4 * q + 1]);
+          *reinterpret_cast<float2*>(st + (rr + 8) * Cfg::kStagePitch + sw) =
+              make_float2(acc[4 * q + 2], acc[4 * q + 3]);
         }
-      } else {
-        const int split = u % sched.splits;
-        float* out = ws + static_cast<int64_t>(split) * epi.M * epi.N;  // (M, N) fp32
-        const bool vec = epi.N % 2 == 0;
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");
+        const int col = tn * BN + 64 * j + 4 * (t % 16);
 #pragma unroll
-        for (int q = 0; q < BN / 8; ++q) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = r + 8 * h, col = c0 + 8 * q;
-            if (row >= epi.M || col >= epi.N) continue;
-            float* dst = out + static_cast<int64_t>(row) * epi.N + col;
-            if (vec)
-              *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * q + 2 * h], acc[4 * q + 2 * h + 1]);
-            else {
-              dst[0] = acc[4 * q + 2 * h];
-              if (col + 1 < epi.N) dst[1] = acc[4 * q + 2 * h + 1];
+        for (int i = 0; i < 8; ++i) {
+          const int rr = t / 16 + 8 * i;
+          const float4 v =
+              *reinterpret_cast<const float4*>(st + rr * Cfg::kStagePitch + 4 * ((t % 16) ^ (rr & 7)));
+          const int row = row0 + rr;
+          if (sched.splits == 1) {
+            epi_store4(epi, row, col, v);
+          } else if (row < epi.M) {
+            float* dst = ws_out + static_cast<int64_t>(row) * epi.N + col;
+            if (epi.N % 4 == 0 && col + 3 < epi.N) {
+              *reinterpret_cast<float4*>(dst) = v;
+            } else {
+              const float vv[4] = {v.x, v.y, v.z, v.w};
+              for (int c = 0; c < 4; ++c)
+                if (col + c < epi.N) dst[c] = vv[c];
             }
           }
         }
@@ -305,11 +324,13 @@ struct Choice {
 };
 
 // Cost model: a CTA runs ceil(units / SMs) units of ceil(k_blocks / splits) k blocks each; a k
-// block costs time proportional to its MACs (narrower tiles slightly less efficient); split-K
-// adds a pass over (splits, M, N) fp32 partials.
+// block costs time proportional to its MACs (narrower tiles slightly less efficient); the whole
+// call cannot beat reading A and B once and writing C (small M is memory-bound); split-K adds a
+// pass over (splits, M, N) fp32 partials and a launch.
 inline Choice choose(int M, int N, int K, int sms) {
   const int kb = (K + kBK - 1) / kBK;
-  const double flops_per_s_sm = 5.9e12, bytes_per_s = 3.0e12;
+  const double flops_per_s_sm = 5.9e12, bytes_per_s = 3.2e12;
+  const double t_mem = (2.0 * (double(M) * K + double(N) * K) + 2.0 * double(M) * N) / bytes_per_s;
   Choice best{256, 1};
   double best_t = 1e30;
   for (int bn : {256, 192, 128}) {
@@ -320,6 +341,7 @@ inline Choice choose(int M, int N, int K, int sms) {
       const int64_t waves = (tiles * s + sms - 1) / sms;
       const int kb_per = (kb + s - 1) / s;
       double t = waves * (kb_per * (2.0 * kBM * bn * kBK) / (flops_per_s_sm * eff) + 1.0e-6);
+      t = std::max(t, t_mem * (tiles * s < sms / 2 ? 2.0 : 1.0));  // few CTAs: less bandwidth
       if (s > 1) t += (4.0 * s * M * N * 2.0) / bytes_per_s + 3.0e-6;
       if (t < best_t * 0.98) {
         best_t = t;
