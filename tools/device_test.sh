@@ -58,6 +58,18 @@ echo "== GEMM benchmark"
 "$bin/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-^gemm/}" --benchmark_out="$out/bench_gemm.json" \
   --benchmark_out_format=json >"$out/bench.log" 2>&1 || { tail -20 "$out/bench.log"; status=1; }
 
+# TQ_NCU="re1 re2": profile the first tq launch of each matching benchmark (kernel time, stalls)
+if [[ -n "${TQ_NCU:-}" ]] && command -v ncu >/dev/null; then
+  for f in $TQ_NCU; do
+    ncu --clock-control none -k regex:gemm_sm90 -s 40 -c 1 --section SpeedOfLight \
+      --section WarpStateStats --section LaunchStats "$bin/tq_bench" --benchmark_filter="$f" \
+      >"$out/ncu_$(echo "$f" | tr -c 'A-Za-z0-9' _).txt" 2>&1
+    echo "-- ncu $f"
+    grep -E "Duration|Compute \(SM\) Throughput|DRAM Throughput|Registers Per|Stall|Warp Cycles Per Issued" \
+      "$out"/ncu_$(echo "$f" | tr -c 'A-Za-z0-9' _).txt | head -14
+  done
+fi
+
 python3 - "$out/bench_gemm.json" <<'PY' | tee "$out/gemm_table.txt"
 import json, math, sys
 from collections import defaultdict

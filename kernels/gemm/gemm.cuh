@@ -31,13 +31,26 @@ inline bool gemm_env_cublas() {
   return on;
 }
 
+inline bool gemm_sm90_available_compiled();
+
 // True when this device is sm_90 and the sm_90a wgmma kernel was compiled into this binary.
 inline bool gemm_sm90_available() {
-  int dev = 0, major = 0, minor = 0;
+  constexpr int kMaxDevices = 64;
+  static signed char is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no (looked up once)
+  int dev = 0;
   TQ_CUDA_CHECK(cudaGetDevice(&dev));
-  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  if (major != 9 || minor != 0) return false;
+  if (dev >= kMaxDevices || is_sm90[dev] == 0) {
+    int major = 0, minor = 0;
+    TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    TQ_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (dev >= kMaxDevices) return major == 9 && minor == 0 && gemm_sm90_available_compiled();
+    is_sm90[dev] = major == 9 && minor == 0 ? 1 : -1;
+  }
+  if (is_sm90[dev] < 0) return false;
+  return gemm_sm90_available_compiled();
+}
+
+inline bool gemm_sm90_available_compiled() {
   static const bool compiled = [] {
     cudaFuncAttributes a{};
     TQ_CUDA_CHECK(cudaFuncGetAttributes(&a, sm90::gemm_sm90_kernel<128, false, false>));

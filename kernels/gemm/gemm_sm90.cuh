@@ -312,10 +312,17 @@ inline bool operands_fit(const GemmParams& p) {
   return al(p.A) && al(p.B) && p.lda % 8 == 0 && p.ldb % 8 == 0;
 }
 
+// Multiprocessor count of the current device, looked up once per device (host overhead matters
+// for the small GEMMs, which take a few microseconds on the GPU).
 inline int num_sms() {
-  int dev = 0, n = 0;
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
   TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
+  int n = 0;
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < kMaxDevices) cache[dev] = n;
   return n;
 }
 
