@@ -58,7 +58,8 @@ echo "== GEMM benchmark"
 "$bin/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-^gemm/}" --benchmark_out="$out/bench_gemm.json" \
   --benchmark_out_format=json >"$out/bench.log" 2>&1 || { tail -20 "$out/bench.log"; status=1; }
 
-# TQ_NCU="re1 re2": profile the first tq launch of each matching benchmark (kernel time, stalls)
+# TQ_NCU="re1 re2": profile one sm90 launch of each matching benchmark (kernel time, stalls).
+# Benchmark names end in /iterations:7/manual_time: do not anchor the regex with $.
 if [[ -n "${TQ_NCU:-}" ]] && command -v ncu >/dev/null; then
   for f in $TQ_NCU; do
     ncu --clock-control none -k regex:gemm_sm90 -s 40 -c 1 --section SpeedOfLight \
