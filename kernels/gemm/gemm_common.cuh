@@ -1,0 +1,252 @@
+// Shared pieces of the GEMM kernels: the parameter struct, the fused epilogue, the fp32
+// split-K reduction, and a plain SIMT kernel for operands the vectorized paths cannot take.
+//
+// Convention (row-major throughout): C(M, N) = alpha * op(A) * op(B) [+ bias] [+ beta*C] [+ R]
+//   op(A) is (M, K): A stored (M, K) with lda >= K      (trans_a = false, "K-major")
+//                    or stored (K, M) with lda >= M     (trans_a = true,  "M-major")
+//   op(B) is (K, N): B stored (K, N) with ldb >= N      (trans_b = false, "N-major")
+//                    or stored (N, K) with ldb >= K     (trans_b = true,  "K-major")
+// so y = x * W^T (x (M,K), W (N,K)) is trans_b = true; dX = dY * W is trans_b = false;
+// dW = dY^T * X is trans_a = true, trans_b = false.
+// Invariants: products accumulate in fp32; the epilogue runs in fp32 and rounds once at the store;
+// C is read only when beta != 0 (so a poisoned C with beta = 0 never leaks into the result).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <kernels/cuda_check.cuh>
+
+namespace tq::kernels {
+
+enum class GemmDType : int { bf16 = 0, f32 = 1 };
+
+// Which kernel family runs. auto_select is the normal choice; the others exist so tests and
+// benchmarks can exercise every path on one GPU. cublas is the explicit reference switch.
+enum class GemmKernel : int { auto_select = 0, sm90 = 1, sm80 = 2, skinny = 3, simt = 4, cublas = 5 };
+
+struct GemmParams {
+  int M = 0, N = 0, K = 0;
+  const __nv_bfloat16* A = nullptr;  // (M, K) row-major, or (K, M) when trans_a
+  int64_t lda = 0;
+  bool trans_a = false;
+  const __nv_bfloat16* B = nullptr;  // (K, N) row-major, or (N, K) when trans_b
+  int64_t ldb = 0;
+  bool trans_b = false;
+  void* C = nullptr;  // (M, N) row-major, dtype c_dtype; read too when beta != 0
+  int64_t ldc = 0;
+  GemmDType c_dtype = GemmDType::bf16;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  const void* bias = nullptr;  // (N,) added to every row, dtype bias_dtype
+  GemmDType bias_dtype = GemmDType::f32;
+  const void* residual = nullptr;  // (M, N) row-major, dtype c_dtype, ld = ldr; added after alpha
+  int64_t ldr = 0;
+  // Optional scratch for split-K partial sums (fp32). When absent or too small the launcher
+  // takes it from the stream-ordered allocator (cudaMallocAsync) and frees it on the stream.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  GemmKernel kernel = GemmKernel::auto_select;
+  int split_k = 0;  // 0: heuristic; >0 forces the number of K splits (sm90 / skinny)
+  int tile_n = 0;   // 0: heuristic; 128/192/256 forces the sm90 tile width
+};
+
+// Everything the epilogue needs, by value into the kernels.
+struct Epilogue {
+  void* C;
+  int64_t ldc;
+  const void* bias;
+  const void* residual;
+  int64_t ldr;
+  float alpha, beta;
+  int M, N;
+  bool c_f32, bias_f32;
+  bool pair_ok;  // two adjacent columns can be stored as one vector (even N, ldc, ldr, aligned)
+  bool quad_ok;  // four adjacent columns likewise (N, ldc, ldr % 4 == 0, bias/C/R aligned)
+};
+
+inline Epilogue make_epilogue(const GemmParams& p) {
+  Epilogue e{};
+  e.C = p.C;
+  e.ldc = p.ldc;
+  e.bias = p.bias;
+  e.residual = p.residual;
+  e.ldr = p.ldr;
+  e.alpha = p.alpha;
+  e.beta = p.beta;
+  e.M = p.M;
+  e.N = p.N;
+  e.c_f32 = p.c_dtype == GemmDType::f32;
+  e.bias_f32 = p.bias_dtype == GemmDType::f32;
+  const size_t vec = e.c_f32 ? 8 : 4;
+  e.pair_ok = p.N % 2 == 0 && p.ldc % 2 == 0 && reinterpret_cast<uintptr_t>(p.C) % vec == 0 &&
+              (p.residual == nullptr ||
+               (p.ldr % 2 == 0 && reinterpret_cast<uintptr_t>(p.residual) % vec == 0));
+  auto al = [](const void* q, size_t a) { return reinterpret_cast<uintptr_t>(q) % a == 0; };
+  const size_t osz = e.c_f32 ? 4 : 2;
+  e.quad_ok = p.N % 4 == 0 && p.ldc % 4 == 0 && al(p.C, 4 * osz) &&
+              (p.residual == nullptr || (p.ldr % 4 == 0 && al(p.residual, 4 * osz))) &&
+              (p.bias == nullptr || al(p.bias, e.bias_f32 ? 16 : 8));
+  return e;
+}
+
+__device__ __forceinline__ float epi_load(const void* base, int64_t idx, bool f32) {
+  return f32 ? static_cast<const float*>(base)[idx]
+             : __bfloat162float(static_cast<const __nv_bfloat16*>(base)[idx]);
+}
+
+// One output element: v is the fp32 sum of products at (row, col), both in range.
+__device__ __forceinline__ float epi_value(const Epilogue& e, int row, int col, float v) {
+  v *= e.alpha;
+  if (e.bias) v += epi_load(e.bias, col, e.bias_f32);
+  if (e.beta != 0.0f) v += e.beta * epi_load(e.C, row * e.ldc + col, e.c_f32);
+  if (e.residual) v += epi_load(e.residual, row * e.ldr + col, e.c_f32);
+  return v;
+}
+
+__device__ __forceinline__ void epi_store1(const Epilogue& e, int row, int col, float v) {
+  if (row >= e.M || col >= e.N) return;
+  v = epi_value(e, row, col, v);
+  if (e.c_f32)
+    static_cast<float*>(e.C)[row * e.ldc + col] = v;
+  else
+    static_cast<__nv_bfloat16*>(e.C)[row * e.ldc + col] = __float2bfloat16(v);
+}
+
+// Columns col and col + 1 of one row (col even).
+__device__ __forceinline__ void epi_store2(const Epilogue& e, int row, int col, float v0, float v1) {
+  if (row >= e.M) return;
+  if (e.pair_ok && col + 1 < e.N) {
+    v0 = epi_value(e, row, col, v0);
+    v1 = epi_value(e, row, col + 1, v1);
+    const int64_t idx = row * e.ldc + col;
+    if (e.c_f32)
+      *reinterpret_cast<float2*>(static_cast<float*>(e.C) + idx) = make_float2(v0, v1);
+    else
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(e.C) + idx) =
+          __floats2bfloat162_rn(v0, v1);
+  } else {
+    epi_store1(e, row, col, v0);
+    epi_store1(e, row, col + 1, v1);
+  }
+}
+
+// Columns col .. col + 3 of one row (col % 4 == 0).
+__device__ __forceinline__ void epi_store4(const Epilogue& e, int row, int col, float4 v) {
+  if (row >= e.M) return;
+  if (!(e.quad_ok && col + 3 < e.N)) {
+    epi_store2(e, row, col, v.x, v.y);
+    epi_store2(e, row, col + 2, v.z, v.w);
+    return;
+  }
+  float4 x = make_float4(v.x * e.alpha, v.y * e.alpha, v.z * e.alpha, v.w * e.alpha);
+  auto add4 = [&](const void* base, int64_t idx, bool f32, float scale) {
+    float4 t;
+    if (f32) {
+      t = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx);
+    } else {
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(base) + idx);
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      t = make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+    x.x += scale * t.x, x.y += scale * t.y, x.z += scale * t.z, x.w += scale * t.w;
+  };
+  if (e.bias) add4(e.bias, col, e.bias_f32, 1.0f);
+  if (e.beta != 0.0f) add4(e.C, row * e.ldc + col, e.c_f32, e.beta);
+  if (e.residual) add4(e.residual, row * e.ldr + col, e.c_f32, 1.0f);
+  const int64_t idx = row * e.ldc + col;
+  if (e.c_f32) {
+    *reinterpret_cast<float4*>(static_cast<float*>(e.C) + idx) = x;
+  } else {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(e.C) + idx) = raw;
+  }
+}
+
+// ws: (splits, M, N) fp32 partial sums, contiguous. Sums the splits and applies the epilogue.
+__global__ void gemm_splitk_epilogue_kernel(const float* __restrict__ ws, int splits, Epilogue e) {
+  const int64_t total = static_cast<int64_t>(e.M) * e.N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += ws[s * total + i];
+    epi_store1(e, static_cast<int>(i / e.N), static_cast<int>(i % e.N), v);
+  }
+}
+
+inline void launch_splitk_epilogue(const float* ws, int splits, const Epilogue& e,
+                                   cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(e.M) * e.N;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 132 * 16));
+  gemm_splitk_epilogue_kernel<<<blocks, 256, 0, stream>>>(ws, splits, e);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+// Any strides, any alignment: one thread per output element, 16x16 tiles staged in shared memory.
+__global__ void gemm_simt_kernel(const __nv_bfloat16* __restrict__ A, int64_t lda, bool trans_a,
+                                 const __nv_bfloat16* __restrict__ B, int64_t ldb, bool trans_b,
+                                 int K, Epilogue e) {
+  __shared__ float sA[16][17];  // (16 rows of C, 16 of K)
+  __shared__ float sB[16][17];  // (16 of K, 16 columns of C)
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int row = blockIdx.y * 16 + ty, col = blockIdx.x * 16 + tx;
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    {  // A element (row0 + ty, k0 + tx)
+      const int r = blockIdx.y * 16 + ty, k = k0 + tx;
+      float v = 0.0f;
+      if (r < e.M && k < K) v = __bfloat162float(trans_a ? A[k * lda + r] : A[r * lda + k]);
+      sA[ty][tx] = v;
+    }
+    {  // B element (k0 + ty, col0 + tx)
+      const int k = k0 + ty, c = blockIdx.x * 16 + tx;
+      float v = 0.0f;
+      if (c < e.N && k < K) v = __bfloat162float(trans_b ? B[c * ldb + k] : B[k * ldb + c]);
+      sB[ty][tx] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) acc += sA[ty][kk] * sB[kk][tx];
+    __syncthreads();
+  }
+  epi_store1(e, row, col, acc);
+}
+
+inline void launch_gemm_simt(const GemmParams& p, cudaStream_t stream) {
+  dim3 block(16, 16), grid((p.N + 15) / 16, (p.M + 15) / 16);
+  gemm_simt_kernel<<<grid, block, 0, stream>>>(p.A, p.lda, p.trans_a, p.B, p.ldb, p.trans_b, p.K,
+                                               make_epilogue(p));
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+// Scratch for split-K: the caller's buffer when it is big enough, else stream-ordered memory.
+class GemmScratch {
+ public:
+  GemmScratch(const GemmParams& p, size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (p.workspace && p.workspace_bytes >= bytes) {
+      ptr_ = p.workspace;
+    } else if (bytes > 0) {
+      TQ_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+      owned_ = true;
+    }
+  }
+  ~GemmScratch() {
+    if (owned_) cudaFreeAsync(ptr_, stream_);  // errors resurface at the next checked call
+  }
+  GemmScratch(const GemmScratch&) = delete;
+  GemmScratch& operator=(const GemmScratch&) = delete;
+  float* f32() const { return static_cast<float*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  bool owned_ = false;
+  cudaStream_t stream_;
+};
+
+}  // namespace tq::kernels

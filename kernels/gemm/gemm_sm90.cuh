@@ -1,0 +1,411 @@
+// sm_90a GEMM: TMA (cp.async.bulk.tensor) loads into a multi-stage shared-memory ring guarded by
+// mbarriers, one producer warpgroup and two consumer warpgroups issuing wgmma, persistent CTAs.
+//
+// Tile: BM = 128 rows of C, BN (128/192/256) columns, BK = 64 along K. Consumer warpgroup w owns
+// rows [64w, 64w + 64) of the tile and holds its (64, BN) fp32 accumulator in registers.
+// Shared-memory operand layouts (both 128-byte swizzled, as TMA writes them):
+//   K-major  A tile: (BM, BK)  one box, row r at r*128 bytes          -> descriptor SBO = 1024
+//   M-major  A tile: (BK, BM)  BM/64 boxes of (BK, 64), box at c*8192  -> LBO = 8192, SBO = 1024
+//   K-major  B tile: (BN, BK)  one box                                 -> SBO = 1024
+//   N-major  B tile: (BK, BN)  BN/64 boxes of (BK, 64)                 -> LBO = 8192, SBO = 1024
+// Tails in M, N and K need no code: TMA zero-fills out-of-range box elements and the epilogue
+// masks rows/columns beyond (M, N).
+// Split-K: a work unit is (tile, split); with splits > 1 the raw fp32 sums go to a workspace
+// (splits, M, N) and gemm_splitk_epilogue_kernel applies the epilogue.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and the cuTensorMapEncodeTiled signature (resolved at run time)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <kernels/cuda_check.cuh>
+#include <kernels/gemm/gemm_common.cuh>
+#include <kernels/gemm/wgmma_ops.cuh>
+
+namespace tq::kernels::sm90 {
+
+constexpr int kBM = 128;
+constexpr int kBK = 64;
+constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
+constexpr int kGroupM = 8;     // tiles of M walked together, so concurrent CTAs share B in L2
+
+template <int BN>
+struct Config {
+  static constexpr int kABytes = kBM * kBK * 2;  // 16 KiB
+  static constexpr int kBBytes = BN * kBK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kStages = BN == 192 ? 4 : BN == 256 ? 4 : 6;
+  // Epilogue staging: per consumer warpgroup a (64, 64) fp32 chunk of its accumulator; the
+  // 16-byte column chunks of row r are XOR-swizzled by (r & 7) against bank conflicts.
+  static constexpr int kStagePitch = 64;
+  static constexpr int kEpiBytes = 2 * 64 * kStagePitch * 4;
+  // + 1024 to align the ring to the 128B-swizzle atom, + barriers.
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
+  static_assert(kSmemBytes <= 232448, "over the sm_90 shared-memory limit");
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// 2-D tile load: box at coordinates (c0 innermost, c1) of the tensor map into shared memory.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif
+
+// Shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+struct Schedule {
+  int tiles_m, tiles_n, splits, k_blocks;
+  __device__ __forceinline__ int units() const { return tiles_m * tiles_n * splits; }
+  // Unit -> (tile row, tile column, split, first and one-past-last k block).
+  __device__ __forceinline__ void decode(int u, int& tm, int& tn, int& kb0, int& kb1) const {
+    const int split = u % splits;
+    const int t = u / splits;
+    const int per_group = kGroupM * tiles_n;
+    const int first_m = (t / per_group) * kGroupM;
+    const int gsz = min(tiles_m - first_m, kGroupM);
+    tm = first_m + (t % per_group) % gsz;
+    tn = (t % per_group) / gsz;
+    kb0 = split * k_blocks / splits;
+    kb1 = (split + 1) * k_blocks / splits;
+  }
+};
+
+template <int BN, bool kAMajorM, bool kBMajorN>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a,
+                     const __grid_constant__ CUtensorMap tm_b, Epilogue epi,
+                     float* __restrict__ ws, Schedule sched) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = Config<BN>;
+  constexpr int S = Cfg::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  // ring: stage s = A tile at base + s*kStageBytes, B tile right after it
+  const uint32_t bars = base + S * Cfg::kStageBytes;  // full[S], then empty[S]
+  // epilogue staging, (64, kStagePitch) fp32 per consumer warpgroup, after the barriers
+  float* epi_stage = reinterpret_cast<float*>(smem_raw + (bars + 16u * S - smem_addr(smem_raw)));
+  auto full = [&](int s) { return bars + 8u * s; };
+  auto empty = [&](int s) { return bars + 8u * (S + s); };
+
+  const int wg = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), 8);  // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int units = sched.units();
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      int tm, tn, kb0, kb1;
+      sched.decode(u, tm, tn, kb0, kb1);
+      for (int kb = kb0; kb < kb1; ++kb) {
+        mbar_wait(empty(stage), phase ^ 1);
+        mbar_expect_tx(full(stage), Cfg::kStageBytes);
+        const uint32_t sa = base + stage * Cfg::kStageBytes;
+        const uint32_t sb = sa + Cfg::kABytes;
+        if constexpr (!kAMajorM) {
+          tma_load_2d(sa, &tm_a, full(stage), kb * kBK, tm * kBM);  // box (BM, BK)
+        } else {
+#pragma unroll
+          for (int c = 0; c < kBM / 64; ++c)  // boxes (BK, 64)
+            tma_load_2d(sa + c * 8192, &tm_a, full(stage), tm * kBM + c * 64, kb * kBK);
+        }
+        if constexpr (!kBMajorN) {
+          tma_load_2d(sb, &tm_b, full(stage), kb * kBK, tn * BN);  // box (BN, BK)
+        } else {
+#pragma unroll
+          for (int c = 0; c < BN / 64; ++c)  // boxes (BK, 64)
+            tma_load_2d(sb + c * 8192, &tm_b, full(stage), tn * BN + c * 64, kb * kBK);
+        }
+        if (++stage == S) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int cw = wg - 1;  // consumer warpgroup: rows [64cw, 64cw + 64) of the tile
+    const int t = threadIdx.x % 128;
+    const int warp = t / 32, lane = t % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[BN / 2];  // (64, BN) fp32 fragment of this warpgroup
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      int tm, tn, kb0, kb1;
+      sched.decode(u, tm, tn, kb0, kb1);
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+      fence_operands(acc);
+      int prev = -1;
+      for (int kb = kb0; kb < kb1; ++kb) {
+        mbar_wait(full(stage), phase);
+        const uint32_t sa = base + stage * Cfg::kStageBytes + cw * 8192;
+        const uint32_t sb = base + stage * Cfg::kStageBytes + Cfg::kABytes;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 16; ++kk) {
+          const uint64_t da = kAMajorM ? make_desc(sa + kk * 2048, 8192, 1024)
+                                       : make_desc(sa + kk * 32, 16, 1024);
+          const uint64_t db = kBMajorN ? make_desc(sb + kk * 2048, 8192, 1024)
+                                       : make_desc(sb + kk * 32, 16, 1024);
+          Wgmma<BN, kAMajorM ? 1 : 0, kBMajorN ? 1 : 0>::mma(acc, da, db, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the group of the previous k block is done: its stage can refill
+        if (prev >= 0 && lane == 0) mbar_arrive(empty(prev));
+        prev = stage;
+        if (++stage == S) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();
+      fence_operands(acc);
+      if (prev >= 0 && lane == 0) mbar_arrive(empty(prev));
+
+      // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...),
+      // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4). Stores straight from the fragment would be
+      // 16-byte pieces of 8 rows per warp instruction; instead each 64-column chunk goes through
+      // shared memory and leaves as whole row segments (a warp: 2 rows x 64 columns, 16 B/lane).
+      float* st = epi_stage + cw * 64 * Cfg::kStagePitch;  // (64, 64) chunk of this warpgroup
+      const int split = u % sched.splits;
+      float* ws_out = ws + static_cast<int64_t>(split) * epi.M * epi.N;  // (M, N) fp32 partials
+      const int row0 = tm * kBM + cw * 64;
+#pragma unroll
+      for (int j = 0; j < BN / 64; ++j) {
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");  // previous chunk read out
+#pragma unroll
+        for (int q = 8 * j; q < 8 * j + 8; ++q) {
+          const int rr = warp * 16 + lane / 4, cc = 8 * (q - 8 * j) + 2 * (lane % 4);
+          const int sw = ((cc / 4) ^ (rr & 7)) * 4 + cc % 4;  // rows rr and rr + 8 swizzle alike
+          *reinterpret_cast<float2*>(st + rr * Cfg::kStagePitch + sw) = make_float2(acc[4 * q], acc[4 * q + 1]);
+          *reinterpret_cast<float2*>(st + (rr + 8) * Cfg::kStagePitch + sw) =
+              make_float2(acc[4 * q + 2], acc[4 * q + 3]);
+        }
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");
+        const int col = tn * BN + 64 * j + 4 * (t % 16);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int rr = t / 16 + 8 * i;
+          const float4 v =
+              *reinterpret_cast<const float4*>(st + rr * Cfg::kStagePitch + 4 * ((t % 16) ^ (rr & 7)));
+          const int row = row0 + rr;
+          if (sched.splits == 1) {
+            epi_store4(epi, row, col, v);
+          } else if (row < epi.M) {
+            float* dst = ws_out + static_cast<int64_t>(row) * epi.N + col;
+            if (epi.N % 4 == 0 && col + 3 < epi.N) {
+              *reinterpret_cast<float4*>(dst) = v;
+            } else {
+              const float vv[4] = {v.x, v.y, v.z, v.w};
+              for (int c = 0; c < 4; ++c)
+                if (col + c < epi.N) dst[c] = vv[c];
+            }
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+// Resolved through the runtime so that no target has to link libcuda directly.
+using EncodeTiledFn = decltype(&::cuTensorMapEncodeTiled);
+
+inline EncodeTiledFn tensor_map_encoder() {
+  static EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    TQ_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                   cudaEnableDefault, &q));
+    TQ_CHECK(p != nullptr && q == cudaDriverEntryPointSuccess,
+             "gemm sm90: cuTensorMapEncodeTiled not found in the driver");
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+
+// Row-major bf16 matrix (rows, cols) with leading dimension ld, boxes of (box_rows, 64 columns).
+inline CUtensorMap make_tensor_map(const void* ptr, int64_t rows, int64_t cols, int64_t ld,
+                                   int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld * 2)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, estr,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TQ_CHECK(r == CUDA_SUCCESS, "gemm sm90: cuTensorMapEncodeTiled failed (", static_cast<int>(r),
+           ") for rows=", rows, " cols=", cols, " ld=", ld);
+  return map;
+}
+
+// TMA wants 16-byte aligned bases and leading dimensions.
+inline bool operands_fit(const GemmParams& p) {
+  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return al(p.A) && al(p.B) && p.lda % 8 == 0 && p.ldb % 8 == 0;
+}
+
+// Multiprocessor count of the current device, looked up once per device (host overhead matters
+// for the small GEMMs, which take a few microseconds on the GPU).
+inline int num_sms() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
+  int n = 0;
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < kMaxDevices) cache[dev] = n;
+  return n;
+}
+
+struct Choice {
+  int bn, splits;
+};
+
+// Cost model: a CTA runs ceil(units / SMs) units of ceil(k_blocks / splits) k blocks each; a k
+// block costs time proportional to its MACs (narrower tiles slightly less efficient); the whole
+// call cannot beat reading A and B once and writing C (small M is memory-bound); split-K adds a
+// pass over (splits, M, N) fp32 partials and a launch.
+inline Choice choose(int M, int N, int K, int sms) {
+  const int kb = (K + kBK - 1) / kBK;
+  const double flops_per_s_sm = 5.9e12, bytes_per_s = 3.2e12;
+  const double t_mem = (2.0 * (double(M) * K + double(N) * K) + 2.0 * double(M) * N) / bytes_per_s;
+  Choice best{256, 1};
+  double best_t = 1e30;
+  for (int bn : {256, 192, 128}) {
+    const double eff = bn == 256 ? 1.0 : bn == 192 ? 0.96 : 0.90;
+    const int64_t tiles = static_cast<int64_t>((M + kBM - 1) / kBM) * ((N + bn - 1) / bn);
+    for (int s = 1; s <= 16 && s <= kb; ++s) {
+      if (s > 1 && kb / s < 4) break;
+      const int64_t waves = (tiles * s + sms - 1) / sms;
+      const int kb_per = (kb + s - 1) / s;
+      double t = waves * (kb_per * (2.0 * kBM * bn * kBK) / (flops_per_s_sm * eff) + 1.0e-6);
+      t = std::max(t, t_mem * (tiles * s < sms / 2 ? 2.0 : 1.0));  // few CTAs: less bandwidth
+      if (s > 1) t += (4.0 * s * M * N * 2.0) / bytes_per_s + 3.0e-6;
+      if (t < best_t * 0.98) {
+        best_t = t;
+        best = {bn, s};
+      }
+    }
+  }
+  return best;
+}
+
+template <int BN, bool AM, bool BN_MAJOR>
+void launch_tile(const GemmParams& p, int splits, float* ws, int sms, cudaStream_t stream) {
+  using Cfg = Config<BN>;
+  auto kernel = gemm_sm90_kernel<BN, AM, BN_MAJOR>;
+  static const bool attr_set = [&] {
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Cfg::kSmemBytes));
+    return true;
+  }();
+  (void)attr_set;
+  // A: K-major (M, K) box (128, 64) | M-major (K, M) box (64, 64)
+  const CUtensorMap ma = AM ? make_tensor_map(p.A, p.K, p.M, p.lda, kBK)
+                            : make_tensor_map(p.A, p.M, p.K, p.lda, kBM);
+  // B: K-major (N, K) box (BN, 64) | N-major (K, N) box (64, 64)
+  const CUtensorMap mb = BN_MAJOR ? make_tensor_map(p.B, p.K, p.N, p.ldb, kBK)
+                                  : make_tensor_map(p.B, p.N, p.K, p.ldb, BN);
+  Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK};
+  const int64_t units = static_cast<int64_t>(sched.tiles_m) * sched.tiles_n * splits;
+  const int grid = static_cast<int>(std::min<int64_t>(units, sms));
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, make_epilogue(p), ws, sched);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+template <int BN>
+void launch_bn(const GemmParams& p, int splits, float* ws, int sms, cudaStream_t stream) {
+  const bool am = p.trans_a, bn_major = !p.trans_b;
+  if (!am && !bn_major) launch_tile<BN, false, false>(p, splits, ws, sms, stream);
+  else if (!am && bn_major) launch_tile<BN, false, true>(p, splits, ws, sms, stream);
+  else if (am && !bn_major) launch_tile<BN, true, false>(p, splits, ws, sms, stream);
+  else launch_tile<BN, true, true>(p, splits, ws, sms, stream);
+}
+
+inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
+  TQ_CHECK(operands_fit(p), "gemm sm90: A and B need 16-byte aligned bases and lda, ldb % 8 == 0");
+  const int sms = num_sms();
+  Choice c = choose(p.M, p.N, p.K, sms);
+  if (p.tile_n) c.bn = p.tile_n;
+  if (p.split_k) c.splits = std::min(p.split_k, (p.K + kBK - 1) / kBK);
+  TQ_CHECK(c.bn == 128 || c.bn == 192 || c.bn == 256, "gemm sm90: tile_n must be 128, 192 or 256");
+  GemmScratch scratch(p, c.splits > 1 ? sizeof(float) * c.splits * p.M * size_t(p.N) : 0, stream);
+  float* ws = scratch.f32();
+  switch (c.bn) {
+    case 256: launch_bn<256>(p, c.splits, ws, sms, stream); break;
+    case 192: launch_bn<192>(p, c.splits, ws, sms, stream); break;
+    default: launch_bn<128>(p, c.splits, ws, sms, stream); break;
+  }
+  if (c.splits > 1) launch_splitk_epilogue(ws, c.splits, make_epilogue(p), stream);
+}
+
+}  // namespace tq::kernels::sm90
