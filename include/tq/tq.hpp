@@ -31,3 +31,4 @@
 #include "tq/quant/nf4_linear.hpp"
 #include "tq/optim/adamw.hpp"
 #include "tq/optim/schedule.hpp"
+#include "tq/nn/peft.hpp"
