@@ -102,38 +102,39 @@ __device__ __forceinline__ C unary_derivative(UnaryOp op, C x) {
 
 // ---- kernels ----
 
-// out[i] = op(a[i], b[i]) over n dense elements; a or b may instead be a single broadcast value.
+// Index of element i in an operand that repeats with period p: p == n dense, p == 1 a single
+// broadcast value, otherwise a dense trailing block broadcast over leading dims (a bias row).
+__device__ __forceinline__ int64_t periodic(int64_t i, int64_t p, int64_t n) { return p == n ? i : (p == 1 ? 0 : i % p); }
+
+// out[i] = op(a[i mod pa], b[i mod pb]) over n dense outputs; 16-byte accesses when every
+// period is a multiple of the vector width and the pointers are aligned.
 template <class T>
 __global__ void binary_contiguous_kernel(BinaryOp op, T* __restrict__ out, const T* __restrict__ a,
-                                         const T* __restrict__ b, int64_t n, bool a_scalar, bool b_scalar, bool vec) {
+                                         const T* __restrict__ b, int64_t n, int64_t pa, int64_t pb, bool vec) {
   using C = compute_t<T>;
   constexpr int V = kVecWidth<T>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const C sa = a_scalar ? convert<C>(a[0]) : C(0);
-  const C sb = b_scalar ? convert<C>(b[0]) : C(0);
   int64_t done = 0;
   if (vec) {
     const int64_t nv = n / V;
+    const C sa = pa == 1 ? convert<C>(a[0]) : C(0), sb = pb == 1 ? convert<C>(b[0]) : C(0);
     for (int64_t v = tid; v < nv; v += stride) {
       Vec<T, V> va, vb, vo;
-      if (!a_scalar) va = reinterpret_cast<const Vec<T, V>*>(a)[v];
-      if (!b_scalar) vb = reinterpret_cast<const Vec<T, V>*>(b)[v];
+      if (pa != 1) va = reinterpret_cast<const Vec<T, V>*>(a + periodic(v * V, pa, n))[0];
+      if (pb != 1) vb = reinterpret_cast<const Vec<T, V>*>(b + periodic(v * V, pb, n))[0];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const C x = a_scalar ? sa : convert<C>(va.v[j]);
-        const C y = b_scalar ? sb : convert<C>(vb.v[j]);
+        const C x = pa == 1 ? sa : convert<C>(va.v[j]);
+        const C y = pb == 1 ? sb : convert<C>(vb.v[j]);
         vo.v[j] = convert<T>(binary_apply<C>(op, x, y));
       }
       reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
     }
     done = nv * V;
   }
-  for (int64_t i = done + tid; i < n; i += stride) {
-    const C x = a_scalar ? sa : convert<C>(a[i]);
-    const C y = b_scalar ? sb : convert<C>(b[i]);
-    out[i] = convert<T>(binary_apply<C>(op, x, y));
-  }
+  for (int64_t i = done + tid; i < n; i += stride)
+    out[i] = convert<T>(binary_apply<C>(op, convert<C>(a[periodic(i, pa, n)]), convert<C>(b[periodic(i, pb, n)])));
 }
 
 // out[i] = op(a[offa(i)], b[offb(i)]) with broadcast (0-stride) or strided operands.
@@ -201,6 +202,24 @@ inline Tensor as_dtype(const Tensor& t, DType dt) {
   return d.dtype() == dt ? d : d.to(dt);
 }
 
+// The period with which a dense operand repeats over the broadcast shape s (numel(s) when it has
+// shape s, 1 for a single value, the size of its trailing block when it is a bias-like row), or
+// 0 when it is strided some other way.
+inline int64_t broadcast_period(const Tensor& t, const Shape& s) {
+  if (t.numel() == 1) return 1;
+  if (!t.is_contiguous()) return 0;
+  const size_t lead = s.size() - t.shape().size();
+  size_t k = 0;  // first dim of s that the operand spans
+  while (k < s.size() && (k < lead || t.shape()[k - lead] == 1) && s[k] != 1) ++k;
+  int64_t period = 1;
+  for (size_t d = k; d < s.size(); ++d) {
+    const int64_t td = d < lead ? 1 : t.shape()[d - lead];
+    if (td != s[d]) return 0;
+    period *= s[d];
+  }
+  return period;
+}
+
 inline Tensor binary(BinaryOp op, const Tensor& a_in, const Tensor& b_in) {
   const DType out_dt = promote(a_in.dtype(), b_in.dtype());
   const Shape s = broadcast_shapes(a_in.shape(), b_in.shape(), "binary op");
@@ -218,13 +237,14 @@ inline Tensor binary(BinaryOp op, const Tensor& a_in, const Tensor& b_in) {
       T* o = static_cast<T*>(out.data_ptr());
       const T* pa = static_cast<const T*>(a.data_ptr());
       const T* pb = static_cast<const T*>(b.data_ptr());
-      const bool a_dense = a.shape() == s && a.is_contiguous(), b_dense = b.shape() == s && b.is_contiguous();
-      const bool a_one = a.numel() == 1, b_one = b.numel() == 1;
-      if ((a_dense || a_one) && (b_dense || b_one)) {
+      const int64_t per_a = broadcast_period(a, s), per_b = broadcast_period(b, s);
+      if (per_a > 0 && per_b > 0) {
         constexpr int V = kVecWidth<T>;
-        const bool vec = aligned_to(o, 16) && (a_one || aligned_to(pa, 16)) && (b_one || aligned_to(pb, 16));
+        // A vector never straddles a period: dense operands end where the vector loop ends.
+        auto vec_ok = [&](const void* p, int64_t per) { return per == 1 || ((per == n || per % V == 0) && aligned_to(p, 16)); };
+        const bool vec = aligned_to(o, 16) && vec_ok(pa, per_a) && vec_ok(pb, per_b);
         binary_contiguous_kernel<T><<<grid_for((n + V - 1) / V, kThreads, dev), kThreads, 0, st>>>(
-            op, o, pa, pb, n, a_one && !a_dense, b_one && !b_dense, vec);
+            op, o, pa, pb, n, per_a, per_b, vec);
       } else {
         Tensor ae = a.expand(s), be = b.expand(s);
         Geometry<2> g = make_geometry<2>(s, {&ae.strides(), &be.strides()}, "binary op");

@@ -279,6 +279,9 @@ TEST(GpuElementwise, BinaryBroadcastStridedAndMixed) {
     check_binary(rnd({3, 1, 5, 7}, dt), rnd({4, 1, 7}, dt), dt);
     check_binary(rnd({}, dt), rnd({257216}, dt), dt);
     check_binary(rnd({257216}, dt), rnd({1}, dt), dt);
+    check_binary(rnd({72, 4303}, dt), rnd({4303}, dt), dt);                   // bias row, odd period
+    check_binary(rnd({4304}, dt), rnd({5, 3, 4304}, dt), dt);                 // bias row first
+    check_binary(rnd({5, 3, 8}, dt), rnd({1, 3, 8}, dt), dt);                 // vectorized period
     check_binary(rnd({4304, 72}, dt).t(), rnd({72, 4304}, dt), dt);           // strided a
     check_binary(rnd({72, 4303}, dt), rnd({4304, 72}, dt).t().slice(1, 1, 4304), dt);  // strided, offset
   }
@@ -456,7 +459,7 @@ TEST(GpuRandom, PhiloxMatchesTheCpuBitForBit) {
 
 // A few ops of a typical step: broadcast binary, scalar, activation, conversion, dropout-style
 // random mask, reduction, and a copy into a preallocated output.
-void step(const Tensor& x, const Tensor& w, const Tensor& y) {
+void step(const Tensor& x, const Tensor& w, Tensor y) {
   NoGradGuard ng;
   Device dev = x.device();
   Tensor xb = x.to(DType::bf16).to(DType::f32);  // conversions on identical inputs: exact on both devices
