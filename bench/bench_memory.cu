@@ -93,6 +93,14 @@ void BM_copy_transpose_f32(benchmark::State& state) {
   time_device(state, 2.0 * double(a.nbytes()), [&] { b.copy_(a.t()); });
 }
 
+// Attention-style head permute (B, T, H, D) -> (B, H, T, D): the generic strided path, D contiguous.
+void BM_copy_permute_bf16(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t B = 64, T = 286, H = 8, D = 256;
+  Tensor a = random_device({B, T, H, D}, DType::bf16, 15), b = Tensor::empty({B, H, T, D}, DType::bf16, kCuda);
+  time_device(state, 2.0 * double(a.nbytes()), [&] { b.copy_(a.permute({0, 2, 1, 3})); });
+}
+
 void BM_unary(benchmark::State& state, UnaryOp op, DType dt) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t n = kBytes / int64_t(dtype_size(dt));
@@ -149,12 +157,22 @@ void BM_random_normal(benchmark::State& state, DType dt) {
   time_device(state, double(kBytes), [&] { Tensor y = random_device({n}, dt, offset++); });
 }
 
+void BM_random_bernoulli(benchmark::State& state, DType dt) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t n = kBytes / int64_t(dtype_size(dt));
+  uint64_t offset = 100;
+  time_device(state, double(kBytes), [&] {
+    Tensor y = random_tensor(Distribution::bernoulli, {n}, 42, offset++, 0.9, 0.0, dt, kCuda);
+  });
+}
+
 #define TQ_MEM_BENCH(...) BENCHMARK_CAPTURE(__VA_ARGS__)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond)
 
 BENCHMARK(BM_memcpy_d2d)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_copy_kernel_f32)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_convert_f32_to_bf16)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_copy_transpose_f32)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_copy_permute_bf16)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
 TQ_MEM_BENCH(BM_unary, gelu_tanh_f32, UnaryOp::gelu_tanh, DType::f32);
 TQ_MEM_BENCH(BM_unary, gelu_tanh_bf16, UnaryOp::gelu_tanh, DType::bf16);
 TQ_MEM_BENCH(BM_unary, exp_bf16, UnaryOp::exp, DType::bf16);
@@ -166,5 +184,6 @@ TQ_MEM_BENCH(BM_binary_row_broadcast, add_bf16, DType::bf16);
 TQ_MEM_BENCH(BM_reduce_sum_rows, f32, DType::f32);
 TQ_MEM_BENCH(BM_reduce_sum_all, bf16, DType::bf16);
 TQ_MEM_BENCH(BM_random_normal, f32, DType::f32);
+TQ_MEM_BENCH(BM_random_bernoulli, bf16, DType::bf16);
 
 }  // namespace

@@ -100,6 +100,48 @@ __device__ __forceinline__ C unary_derivative(UnaryOp op, C x) {
   return C(0);
 }
 
+// Runtime op -> compile-time op, once per kernel rather than once per element: with the op a
+// constant, each instantiation folds binary_apply/unary_apply down to its one formula.
+template <class F>
+__device__ __forceinline__ void with_binary_op(BinaryOp op, F&& f) {
+  using B = BinaryOp;
+  switch (op) {
+    case B::add: f(std::integral_constant<B, B::add>{}); break;
+    case B::sub: f(std::integral_constant<B, B::sub>{}); break;
+    case B::mul: f(std::integral_constant<B, B::mul>{}); break;
+    case B::div: f(std::integral_constant<B, B::div>{}); break;
+    case B::maximum: f(std::integral_constant<B, B::maximum>{}); break;
+    case B::minimum: f(std::integral_constant<B, B::minimum>{}); break;
+    case B::eq: f(std::integral_constant<B, B::eq>{}); break;
+    case B::gt: f(std::integral_constant<B, B::gt>{}); break;
+    case B::lt: f(std::integral_constant<B, B::lt>{}); break;
+  }
+}
+template <class C, class F>
+__device__ __forceinline__ void with_unary_op(UnaryOp op, F&& f) {
+  using U = UnaryOp;
+  switch (op) {
+    case U::neg: f(std::integral_constant<U, U::neg>{}); break;
+    case U::abs: f(std::integral_constant<U, U::abs>{}); break;
+    case U::square: f(std::integral_constant<U, U::square>{}); break;
+    default:
+      if constexpr (!std::is_integral_v<C>) {  // integer tensors take only the three above
+        switch (op) {
+          case U::exp: f(std::integral_constant<U, U::exp>{}); break;
+          case U::log: f(std::integral_constant<U, U::log>{}); break;
+          case U::sqrt: f(std::integral_constant<U, U::sqrt>{}); break;
+          case U::rsqrt: f(std::integral_constant<U, U::rsqrt>{}); break;
+          case U::tanh: f(std::integral_constant<U, U::tanh>{}); break;
+          case U::sigmoid: f(std::integral_constant<U, U::sigmoid>{}); break;
+          case U::gelu_erf: f(std::integral_constant<U, U::gelu_erf>{}); break;
+          case U::gelu_tanh: f(std::integral_constant<U, U::gelu_tanh>{}); break;
+          case U::silu: f(std::integral_constant<U, U::silu>{}); break;
+          default: break;
+        }
+      }
+  }
+}
+
 // ---- kernels ----
 
 // Index of element i in an operand that repeats with period p: p == n dense, p == 1 a single
@@ -109,32 +151,35 @@ __device__ __forceinline__ int64_t periodic(int64_t i, int64_t p, int64_t n) { r
 // out[i] = op(a[i mod pa], b[i mod pb]) over n dense outputs; 16-byte accesses when every
 // period is a multiple of the vector width and the pointers are aligned.
 template <class T>
-__global__ void binary_contiguous_kernel(BinaryOp op, T* __restrict__ out, const T* __restrict__ a,
+__global__ void binary_contiguous_kernel(BinaryOp op_rt, T* __restrict__ out, const T* __restrict__ a,
                                          const T* __restrict__ b, int64_t n, int64_t pa, int64_t pb, bool vec) {
   using C = compute_t<T>;
   constexpr int V = kVecWidth<T>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  int64_t done = 0;
-  if (vec) {
-    const int64_t nv = n / V;
-    const C sa = pa == 1 ? convert<C>(a[0]) : C(0), sb = pb == 1 ? convert<C>(b[0]) : C(0);
-    for (int64_t v = tid; v < nv; v += stride) {
-      Vec<T, V> va, vb, vo;
-      if (pa != 1) va = reinterpret_cast<const Vec<T, V>*>(a + periodic(v * V, pa, n))[0];
-      if (pb != 1) vb = reinterpret_cast<const Vec<T, V>*>(b + periodic(v * V, pb, n))[0];
+  with_binary_op(op_rt, [&](auto opc) {
+    constexpr BinaryOp op = decltype(opc)::value;
+    int64_t done = 0;
+    if (vec) {
+      const int64_t nv = n / V;
+      const C sa = pa == 1 ? convert<C>(a[0]) : C(0), sb = pb == 1 ? convert<C>(b[0]) : C(0);
+      for (int64_t v = tid; v < nv; v += stride) {
+        Vec<T, V> va, vb, vo;
+        if (pa != 1) va = reinterpret_cast<const Vec<T, V>*>(a + periodic(v * V, pa, n))[0];
+        if (pb != 1) vb = reinterpret_cast<const Vec<T, V>*>(b + periodic(v * V, pb, n))[0];
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const C x = pa == 1 ? sa : convert<C>(va.v[j]);
-        const C y = pb == 1 ? sb : convert<C>(vb.v[j]);
-        vo.v[j] = convert<T>(binary_apply<C>(op, x, y));
+        for (int j = 0; j < V; ++j) {
+          const C x = pa == 1 ? sa : convert<C>(va.v[j]);
+          const C y = pb == 1 ? sb : convert<C>(vb.v[j]);
+          vo.v[j] = convert<T>(binary_apply<C>(op, x, y));
+        }
+        reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
       }
-      reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
+      done = nv * V;
     }
-    done = nv * V;
-  }
-  for (int64_t i = done + tid; i < n; i += stride)
-    out[i] = convert<T>(binary_apply<C>(op, convert<C>(a[periodic(i, pa, n)]), convert<C>(b[periodic(i, pb, n)])));
+    for (int64_t i = done + tid; i < n; i += stride)
+      out[i] = convert<T>(binary_apply<C>(op, convert<C>(a[periodic(i, pa, n)]), convert<C>(b[periodic(i, pb, n)])));
+  });
 }
 
 // out[i] = op(a[offa(i)], b[offb(i)]) with broadcast (0-stride) or strided operands.
@@ -150,48 +195,54 @@ __global__ void binary_strided_kernel(BinaryOp op, T* __restrict__ out, const T*
 }
 
 template <class T>
-__global__ void unary_kernel(UnaryOp op, T* __restrict__ out, const T* __restrict__ x, int64_t n, bool vec) {
+__global__ void unary_kernel(UnaryOp op_rt, T* __restrict__ out, const T* __restrict__ x, int64_t n, bool vec) {
   using C = compute_t<T>;
   constexpr int V = kVecWidth<T>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  int64_t done = 0;
-  if (vec) {
-    const int64_t nv = n / V;
-    for (int64_t v = tid; v < nv; v += stride) {
-      Vec<T, V> vx = reinterpret_cast<const Vec<T, V>*>(x)[v], vo;
+  with_unary_op<C>(op_rt, [&](auto opc) {
+    constexpr UnaryOp op = decltype(opc)::value;
+    int64_t done = 0;
+    if (vec) {
+      const int64_t nv = n / V;
+      for (int64_t v = tid; v < nv; v += stride) {
+        Vec<T, V> vx = reinterpret_cast<const Vec<T, V>*>(x)[v], vo;
 #pragma unroll
-      for (int j = 0; j < V; ++j) vo.v[j] = convert<T>(unary_apply<C>(op, convert<C>(vx.v[j])));
-      reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
+        for (int j = 0; j < V; ++j) vo.v[j] = convert<T>(unary_apply<C>(op, convert<C>(vx.v[j])));
+        reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
+      }
+      done = nv * V;
     }
-    done = nv * V;
-  }
-  for (int64_t i = done + tid; i < n; i += stride) out[i] = convert<T>(unary_apply<C>(op, convert<C>(x[i])));
+    for (int64_t i = done + tid; i < n; i += stride) out[i] = convert<T>(unary_apply<C>(op, convert<C>(x[i])));
+  });
 }
 
 // out[i] = g[i] * op'(x[i]); G is X or X's compute type.
 template <class X, class G>
-__global__ void unary_backward_kernel(UnaryOp op, X* __restrict__ out, const G* __restrict__ g,
+__global__ void unary_backward_kernel(UnaryOp op_rt, X* __restrict__ out, const G* __restrict__ g,
                                       const X* __restrict__ x, int64_t n, bool vec) {
   using C = compute_t<X>;
   constexpr int V = kVecWidth<X, G>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  int64_t done = 0;
-  if (vec) {
-    const int64_t nv = n / V;
-    for (int64_t v = tid; v < nv; v += stride) {
-      Vec<X, V> vx = reinterpret_cast<const Vec<X, V>*>(x)[v], vo;
-      Vec<G, V> vg = reinterpret_cast<const Vec<G, V>*>(g)[v];
+  with_unary_op<C>(op_rt, [&](auto opc) {
+    constexpr UnaryOp op = decltype(opc)::value;
+    int64_t done = 0;
+    if (vec) {
+      const int64_t nv = n / V;
+      for (int64_t v = tid; v < nv; v += stride) {
+        Vec<X, V> vx = reinterpret_cast<const Vec<X, V>*>(x)[v], vo;
+        Vec<G, V> vg = reinterpret_cast<const Vec<G, V>*>(g)[v];
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        vo.v[j] = convert<X>(C(convert<C>(vg.v[j]) * unary_derivative<C>(op, convert<C>(vx.v[j]))));
-      reinterpret_cast<Vec<X, V>*>(out)[v] = vo;
+        for (int j = 0; j < V; ++j)
+          vo.v[j] = convert<X>(C(convert<C>(vg.v[j]) * unary_derivative<C>(op, convert<C>(vx.v[j]))));
+        reinterpret_cast<Vec<X, V>*>(out)[v] = vo;
+      }
+      done = nv * V;
     }
-    done = nv * V;
-  }
-  for (int64_t i = done + tid; i < n; i += stride)
-    out[i] = convert<X>(C(convert<C>(g[i]) * unary_derivative<C>(op, convert<C>(x[i]))));
+    for (int64_t i = done + tid; i < n; i += stride)
+      out[i] = convert<X>(C(convert<C>(g[i]) * unary_derivative<C>(op, convert<C>(x[i]))));
+  });
 }
 
 // ---- launchers (host): the entries of ops::cuda_elementwise_kernels() ----

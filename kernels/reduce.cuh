@@ -63,18 +63,38 @@ struct ArgmaxRule {
   }
 };
 
-// Loads element j of row r of a dense (rows, len) matrix as an accumulator.
+// Folds elements [begin, end) of row r of a dense (rows, len) matrix into acc, this thread taking
+// every `step`-th one from `first`. Elements load as 16-byte vectors from the first aligned one.
 template <class T, class R>
 struct ElementLoad {
   const T* x;
-  __device__ __forceinline__ typename R::Acc operator()(int64_t r, int64_t len, int64_t j) const {
-    return R::make(as_double(x[r * len + j]), j);
+  __device__ __forceinline__ typename R::Acc fold(typename R::Acc acc, int64_t r, int64_t len, int64_t begin,
+                                                  int64_t end, int64_t first, int64_t step) const {
+    constexpr int V = kVecWidth<T>;
+    const T* row = x + r * len;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(row + begin);
+    const int64_t head = int64_t((16 - addr % 16) % 16) / int64_t(sizeof(T));
+    const int64_t vbegin = begin + (head < end - begin ? head : end - begin);
+    for (int64_t j = begin + first; j < vbegin; j += step) acc = R::combine(acc, R::make(as_double(row[j]), j));
+    const int64_t nv = (end - vbegin) / V;
+    const Vec<T, V>* vrow = reinterpret_cast<const Vec<T, V>*>(row + vbegin);
+    for (int64_t k = first; k < nv; k += step) {
+      const Vec<T, V> v = vrow[k];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc = R::combine(acc, R::make(as_double(v.v[e]), vbegin + k * V + e));
+    }
+    for (int64_t j = vbegin + nv * V + first; j < end; j += step) acc = R::combine(acc, R::make(as_double(row[j]), j));
+    return acc;
   }
 };
 template <class R>
 struct PartialLoad {
   const typename R::Acc* p;
-  __device__ __forceinline__ typename R::Acc operator()(int64_t r, int64_t len, int64_t j) const { return p[r * len + j]; }
+  __device__ __forceinline__ typename R::Acc fold(typename R::Acc acc, int64_t r, int64_t len, int64_t begin,
+                                                  int64_t end, int64_t first, int64_t step) const {
+    for (int64_t j = begin + first; j < end; j += step) acc = R::combine(acc, p[r * len + j]);
+    return acc;
+  }
 };
 
 template <class R, class Out>
@@ -100,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(Load load, int64_
     const int64_t r = v / splits, s = v - r * splits;
     const int64_t begin = s * chunk, end = begin + chunk < len ? begin + chunk : len;
     Acc acc = R::identity();
-    for (int64_t j = begin + member; j < end; j += group_size) acc = R::combine(acc, load(r, len, j));
+    acc = load.fold(acc, r, len, begin, end, member, group_size);
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) acc = R::combine(acc, R::shfl_xor(acc, m));
     if (block_rows) {

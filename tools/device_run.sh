@@ -61,7 +61,8 @@ ref = next((b["GB/s"] for b in runs if b["name"].startswith("BM_memcpy_d2d")), N
 print(f"{'benchmark':52s} {'us':>9s} {'GB/s':>8s} {'% memcpy':>9s}")
 for b in runs:
     pct = f"{100 * b['GB/s'] / ref:8.1f}%" if ref else ""
-    print(f"{b['name'].split('/')[0]:52s} {b['us']:9.1f} {b['GB/s']:8.0f} {pct:>9s}")
+    name = b["name"].split("/iterations")[0]
+    print(f"{name:52s} {b['us']:9.1f} {b['GB/s']:8.0f} {pct:>9s}")
 EOF
 fi
 echo "tests rc=$test_rc bench rc=$bench_rc"
