@@ -223,6 +223,37 @@ TEST(GpuCopy, StridedBroadcastAndPartialDestinations) {
   }
 }
 
+TEST(GpuCopy, PermutesAndBatchedTransposes) {
+  TQ_REQUIRE_GPU();
+  struct Case {
+    Shape shape;
+    std::vector<int64_t> perm;
+  };
+  const std::vector<Case> cases = {
+      {{3, 5, 4, 16}, {0, 2, 1, 3}},    // head permute, inner dim widened to 16 bytes
+      {{2, 7, 3, 72}, {0, 2, 1, 3}},    // head_dim 72
+      {{2, 7, 3, 5}, {0, 2, 1, 3}},     // inner dim too short to widen
+      {{3, 72, 4304}, {0, 2, 1}},       // batched transpose (tiled)
+      {{2, 33, 65}, {0, 2, 1}},         // partial tiles
+      {{4304, 1, 72}, {2, 1, 0}},       // transpose with a size-1 dim in between
+      {{5, 40, 6, 48}, {3, 1, 2, 0}},   // general permute
+  };
+  for (DType dt : {DType::f32, DType::bf16, DType::f64, DType::u8}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(str_cat(dtype_name(dt), " shape ", c.shape, " perm ", c.perm));
+      Tensor a = rnd(c.shape, dt, 0, 200);
+      Tensor ref = a.permute(c.perm).contiguous();
+      Tensor da = a.to(kCuda);
+      poison_for(ref);
+      ASSERT_TRUE(close(da.permute(c.perm).contiguous().cpu(), ref, 0.0));
+    }
+  }
+  // A view that starts one element in cannot be widened; it must still copy exactly.
+  Tensor a = rnd({3, 5, 4, 17}, DType::bf16);
+  Tensor v = a.narrow(3, 1, 16).permute({0, 2, 1, 3});
+  EXPECT_TRUE(close(a.to(kCuda).narrow(3, 1, 16).permute({0, 2, 1, 3}).contiguous().cpu(), v.contiguous(), 0.0));
+}
+
 TEST(GpuCopy, FillAllDtypesAndStridedViews) {
   TQ_REQUIRE_GPU();
   for (DType dt : kAllDtypes) {
