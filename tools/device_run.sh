@@ -5,7 +5,9 @@
 #
 #   run tool command:  cd .dev/cuda && bash tools/device_run.sh      (carry: [".dev"])
 #   environment:       TQ_BENCH_FILTER (Google Benchmark regex), TQ_GTEST_FILTER (default Gpu*),
-#                      TQ_SKIP_BENCH=1, TQ_JOBS
+#                      TQ_SKIP_BENCH=1, TQ_JOBS,
+#                      TQ_PREBUILT=dir: run dir/tq_tests and dir/tq_bench (built elsewhere with
+#                      nvcc, libraries beside them) when they start here, skipping the ~1 min build
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -19,6 +21,12 @@ export PATH="$PATH:/usr/local/cuda/bin"
   nvcc --version | tail -1
 } 2>&1 | tee "$OUT/env.log"
 
+bin=build-dev/bin
+if [[ -n "${TQ_PREBUILT:-}" ]] && LD_LIBRARY_PATH="$TQ_PREBUILT" "$TQ_PREBUILT/tq_tests" --gtest_list_tests >/dev/null 2>&1; then
+  bin=$TQ_PREBUILT
+  export LD_LIBRARY_PATH="$TQ_PREBUILT${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "== using prebuilt binaries from $bin"
+else
 echo "== configure"
 if ! cmake -S . -B build-dev -G Ninja -DTQ_CUDA=ON -DTQ_CUDA_ARCHITECTURES=90a -DTQ_BUILD_APPS=OFF \
     -DTQ_TEST_DIRS="core;ops;autograd;cuda" -DCMAKE_BUILD_TYPE=Release >"$OUT/configure.log" 2>&1; then
@@ -35,17 +43,18 @@ if ! cmake --build build-dev -j "$jobs" >"$OUT/build.log" 2>&1; then
   exit 3
 fi
 echo "built in $(( $(date +%s) - start )) s"
+fi
 
 echo "== GPU tests"
 test_rc=0
-./build-dev/bin/tq_tests --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" 2>&1 | tee "$OUT/gpu_tests.log" | \
+"$bin/tq_tests" --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" 2>&1 | tee "$OUT/gpu_tests.log" | \
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[==========\]|Failure|error|device 0" || true
 test_rc=${PIPESTATUS[0]}
 
 bench_rc=0
-if [[ "${TQ_SKIP_BENCH:-0}" != 1 && -x build-dev/bin/tq_bench ]]; then
+if [[ "${TQ_SKIP_BENCH:-0}" != 1 && -x "$bin/tq_bench" ]]; then
   echo "== benchmarks"
-  ./build-dev/bin/tq_bench --benchmark_filter="${TQ_BENCH_FILTER:-BM_(memcpy|copy|convert|unary|binary|reduce|random)}" \
+  "$bin/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-BM_(memcpy|copy|convert|unary|binary|reduce|random)}" \
     --benchmark_out="$OUT/bench_memory.json" --benchmark_out_format=json >"$OUT/bench.log" 2>&1
   bench_rc=$?
   tail -5 "$OUT/bench.log"
