@@ -79,10 +79,26 @@ class Generator {
 
 enum class Distribution { uniform, normal, bernoulli };
 
-// Fills a new CPU tensor of `shape` from the draw (seed, offset). uniform: lo + (hi-lo)·u;
-// normal: mean + std·z; bernoulli: 1 with probability p (u < p), else 0.
+// CUDA entry point, filled in by <tq/cuda.hpp> (kernels/random.cuh).
+struct RandomCudaKernels {
+  Tensor (*fill)(Distribution, const Shape&, uint64_t seed, uint64_t offset, double a, double b, DType, Device) = nullptr;
+};
+inline RandomCudaKernels& cuda_random_kernels() {
+  static RandomCudaKernels k;
+  return k;
+}
+
+// Fills a new tensor of `shape` on `device` from the draw (seed, offset). uniform: lo + (hi-lo)·u;
+// normal: mean + std·z; bernoulli: 1 with probability p (u < p), else 0. The same (seed, offset)
+// gives the same numbers on every device (normal: to within the last bit of float).
 inline Tensor random_tensor(Distribution dist, const Shape& shape, uint64_t seed, uint64_t offset, double a, double b,
-                            DType dtype = DType::f32) {
+                            DType dtype = DType::f32, Device device = Device::cpu()) {
+  if (device.is_cuda()) {
+    auto fill = cuda_random_kernels().fill;
+    TQ_CHECK(fill != nullptr, "random_tensor: no CUDA kernel is available for ", device.str(),
+             " in this program (include <tq/cuda.hpp> in one CUDA translation unit)");
+    return fill(dist, shape, seed, offset, a, b, dtype, device);
+  }
   Tensor t = Tensor::empty(shape, DType::f64);
   double* p = t.data<double>();
   const int64_t n = t.numel();
@@ -96,14 +112,17 @@ inline Tensor random_tensor(Distribution dist, const Shape& shape, uint64_t seed
   return t.to(dtype);
 }
 
-inline Tensor rand(const Shape& shape, Generator& g, DType dtype = DType::f32, double lo = 0.0, double hi = 1.0) {
-  return random_tensor(Distribution::uniform, shape, g.seed(), g.next(), lo, hi, dtype);
+inline Tensor rand(const Shape& shape, Generator& g, DType dtype = DType::f32, double lo = 0.0, double hi = 1.0,
+                   Device device = Device::cpu()) {
+  return random_tensor(Distribution::uniform, shape, g.seed(), g.next(), lo, hi, dtype, device);
 }
-inline Tensor randn(const Shape& shape, Generator& g, DType dtype = DType::f32, double mean = 0.0, double std = 1.0) {
-  return random_tensor(Distribution::normal, shape, g.seed(), g.next(), mean, std, dtype);
+inline Tensor randn(const Shape& shape, Generator& g, DType dtype = DType::f32, double mean = 0.0, double std = 1.0,
+                    Device device = Device::cpu()) {
+  return random_tensor(Distribution::normal, shape, g.seed(), g.next(), mean, std, dtype, device);
 }
-inline Tensor bernoulli(const Shape& shape, double p, Generator& g, DType dtype = DType::f32) {
-  return random_tensor(Distribution::bernoulli, shape, g.seed(), g.next(), p, 0.0, dtype);
+inline Tensor bernoulli(const Shape& shape, double p, Generator& g, DType dtype = DType::f32,
+                        Device device = Device::cpu()) {
+  return random_tensor(Distribution::bernoulli, shape, g.seed(), g.next(), p, 0.0, dtype, device);
 }
 
 }  // namespace tq

@@ -17,6 +17,26 @@ enum class UnaryOp { neg, exp, log, sqrt, rsqrt, tanh, sigmoid, gelu_erf, gelu_t
 
 namespace ops {
 
+// CUDA entry points, filled in by <tq/cuda.hpp> (included by one CUDA translation unit of the
+// program); empty in a CPU-only program.
+struct ElementwiseCudaKernels {
+  Tensor (*binary)(BinaryOp, const Tensor&, const Tensor&) = nullptr;
+  Tensor (*unary)(UnaryOp, const Tensor&) = nullptr;
+  Tensor (*unary_backward)(UnaryOp, const Tensor& grad_out, const Tensor& x) = nullptr;
+};
+inline ElementwiseCudaKernels& cuda_elementwise_kernels() {
+  static ElementwiseCudaKernels k;
+  return k;
+}
+
+// Calls a CUDA table entry, or throws when no CUDA backend was compiled into the program.
+template <class R, class... Params, class... Args>
+R call_cuda(R (*fn)(Params...), const char* op, Args&&... args) {
+  TQ_CHECK(fn != nullptr, op, ": no CUDA kernel is available for CUDA tensors in this program"
+           " (include <tq/cuda.hpp> in one CUDA translation unit)");
+  return fn(std::forward<Args>(args)...);
+}
+
 template <class C>
 inline C apply_binary(BinaryOp op, C a, C b) {
   switch (op) {
@@ -104,6 +124,7 @@ inline C unary_derivative(UnaryOp op, C x) {
 // out = op(a, b) with broadcasting; result dtype = promote(a, b).
 inline Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
   require_same_device("binary op", a, b);
+  if (a.device().is_cuda()) return call_cuda(cuda_elementwise_kernels().binary, "binary op", op, a, b);
   require_cpu("binary op", a, b);
   const DType out_dt = promote(a.dtype(), b.dtype());
   const DType ct = compute_dtype(out_dt);
@@ -131,6 +152,7 @@ inline Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
 }
 
 inline Tensor unary(UnaryOp op, const Tensor& x) {
+  if (x.device().is_cuda()) return call_cuda(cuda_elementwise_kernels().unary, "unary op", op, x);
   require_cpu("unary op", x);
   const DType ct = compute_dtype(x.dtype());
   Tensor xc = dense(x, ct);
@@ -149,6 +171,9 @@ inline Tensor unary(UnaryOp op, const Tensor& x) {
 
 // grad_in = grad_out * op'(x), in x's dtype.
 inline Tensor unary_backward(UnaryOp op, const Tensor& grad_out, const Tensor& x) {
+  require_same_device("unary op backward", x, grad_out);
+  if (x.device().is_cuda())
+    return call_cuda(cuda_elementwise_kernels().unary_backward, "unary op backward", op, grad_out, x);
   require_cpu("unary op backward", grad_out, x);
   require_float("unary op backward", x);
   const DType ct = compute_dtype(x.dtype());

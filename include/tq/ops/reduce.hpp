@@ -35,10 +35,25 @@ inline Shape reduced_shape(const Shape& s, const std::vector<int64_t>& dims, boo
 
 enum class ReduceKind { sum, max, argmax };
 
+// CUDA entry point, filled in by <tq/cuda.hpp>; `dims` arrive normalized (reduce_dims).
+struct ReduceCudaKernels {
+  Tensor (*reduce)(ReduceKind, const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) = nullptr;
+};
+inline ReduceCudaKernels& cuda_reduce_kernels() {
+  static ReduceCudaKernels k;
+  return k;
+}
+
 // Core loop: the reduced dims are moved last, so each output element reduces a contiguous row.
 inline Tensor reduce(ReduceKind kind, const Tensor& x, const std::vector<int64_t>& dims_in, bool keepdim, const char* op) {
-  require_cpu(op, x);
   const auto dims = reduce_dims(dims_in, x.dim(), op);
+  if (x.device().is_cuda()) {
+    int64_t count = 1;
+    for (int64_t d : dims) count *= x.shape()[d];
+    TQ_CHECK(kind == ReduceKind::sum || count > 0, op, ": cannot reduce an empty dimension of ", describe(x));
+    return call_cuda(cuda_reduce_kernels().reduce, op, kind, x, dims, keepdim);
+  }
+  require_cpu(op, x);
   std::vector<int64_t> perm;
   for (int64_t d = 0; d < x.dim(); ++d)
     if (std::find(dims.begin(), dims.end(), d) == dims.end()) perm.push_back(d);
@@ -123,7 +138,16 @@ inline Tensor max(const Tensor& x, int64_t dim, bool keepdim = false) {
   Tensor out = ops::reduce(ops::ReduceKind::max, x, {dim}, keepdim, "max");
   Shape in_shape = x.shape();
   DType dt = x.dtype();
+  Device dev = x.device();
   return record("max", out, {x}, [=](const Tensor& g) {
+    if (!dev.is_cpu()) {
+      // On a device: the gradient times a one-hot mask of the argmax along `dim` (device ops only).
+      Shape pos_shape(in_shape.size(), 1);
+      pos_shape[size_t(dim)] = in_shape[size_t(dim)];
+      Tensor pos = Tensor::arange(in_shape[size_t(dim)], DType::i64, dev).reshape(pos_shape);
+      Tensor hit = ops::binary(BinaryOp::eq, pos, idx).to(dt);  // in_shape, 1 at the argmax
+      return std::vector<Tensor>{ops::binary(BinaryOp::mul, hit, g.detach().reshape(idx.shape())).to(dt)};
+    }
     Tensor gk = g.reshape(idx.shape()).to(DType::f64).contiguous();
     Tensor gi = Tensor::zeros(in_shape, DType::f64);
     // Scatter each output gradient to its argmax position along `dim`.
