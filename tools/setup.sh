@@ -8,7 +8,7 @@ set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libsentencepiece-dev nlohmann-json3-dev libcli11-dev
-      libstb-dev libsnappy-dev libzstd-dev zlib1g-dev
+      libstb-dev libjpeg62-turbo-dev libsnappy-dev libzstd-dev zlib1g-dev
       fonts-dejavu-core)
 
 missing=()
