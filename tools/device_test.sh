@@ -58,6 +58,18 @@ echo "== GEMM benchmark"
 "$bin/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-^gemm/}" --benchmark_out="$out/bench_gemm.json" \
   --benchmark_out_format=json >"$out/bench.log" 2>&1 || { tail -20 "$out/bench.log"; status=1; }
 
+# TQ_SWEEP="128 192 256": rerun our benchmarks (filter TQ_SWEEP_FILTER, default the M >= 1136 ones)
+# with the sm90 tile width forced and no split-K, for calibrating the cost model; JSON per width.
+if [[ -n "${TQ_SWEEP:-}" ]]; then
+  for bn in $TQ_SWEEP; do
+    TQ_GEMM_SM90_TILE_N=$bn TQ_GEMM_SM90_SPLIT=1 "$bin/tq_bench" \
+      --benchmark_filter="${TQ_SWEEP_FILTER:-^gemm/tq/.*/(1136|4544)/}" \
+      --benchmark_out="$out/sweep_$bn.json" --benchmark_out_format=json >"$out/sweep_$bn.log" 2>&1 ||
+      { tail -5 "$out/sweep_$bn.log"; status=1; }
+  done
+  echo "== sweep done: $TQ_SWEEP"
+fi
+
 # TQ_NCU="re1 re2": profile one sm90 launch of each matching benchmark (kernel time, stalls).
 # Benchmark names end in /iterations:7/manual_time: do not anchor the regex with $.
 if [[ -n "${TQ_NCU:-}" ]] && command -v ncu >/dev/null; then

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include <kernels/cuda_check.cuh>
 #include <kernels/gemm/gemm_common.cuh>
@@ -39,8 +40,10 @@ struct Config {
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kStages = BN == 192 ? 4 : BN == 256 ? 4 : 6;
-  // Epilogue staging: per consumer warpgroup a (64, 64) fp32 chunk of its accumulator; the
-  // 16-byte column chunks of row r are XOR-swizzled by (r & 7) against bank conflicts.
+  // Epilogue staging, 16 KiB per consumer warpgroup, right after the ring (1024-aligned):
+  //  - TMA-store path: two (64, 64) bf16 buffers in the 128B-swizzle layout the store reads;
+  //  - generic path: one (64, 64) fp32 chunk whose 16-byte column chunks of row r are
+  //    XOR-swizzled by (r & 7) against bank conflicts.
   static constexpr int kStagePitch = 64;
   static constexpr int kEpiBytes = 2 * 64 * kStagePitch * 4;
   // + 1024 to align the ring to the 128B-swizzle atom, + barriers.
@@ -91,6 +94,29 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// 2-D tile store from shared memory (bulk-group completion; out-of-range box elements are not
+// written), and the bulk-group bookkeeping of the issuing thread.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void named_bar(int id) {
+  asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
 template <int R>
 __device__ __forceinline__ void fence_operands(float (&d)[R]) {
 #pragma unroll
@@ -124,17 +150,19 @@ struct Schedule {
 template <int BN, bool kAMajorM, bool kBMajorN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a,
-                     const __grid_constant__ CUtensorMap tm_b, Epilogue epi,
-                     float* __restrict__ ws, Schedule sched) {
+                     const __grid_constant__ CUtensorMap tm_b,
+                     const __grid_constant__ CUtensorMap tm_c, Epilogue epi,
+                     float* __restrict__ ws, Schedule sched, int tma_c) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  // ring: stage s = A tile at base + s*kStageBytes, B tile right after it
-  const uint32_t bars = base + S * Cfg::kStageBytes;  // full[S], then empty[S]
-  // epilogue staging, (64, kStagePitch) fp32 per consumer warpgroup, after the barriers
-  float* epi_stage = reinterpret_cast<float*>(smem_raw + (bars + 16u * S - smem_addr(smem_raw)));
+  // ring: stage s = A tile at base + s*kStageBytes, B tile right after it; then the epilogue
+  // staging (kEpiBytes, 1024-aligned since stages are multiples of 1 KiB); then the barriers
+  const uint32_t epi_base = base + S * Cfg::kStageBytes;
+  const uint32_t bars = epi_base + Cfg::kEpiBytes;  // full[S], then empty[S]
+  float* epi_stage = reinterpret_cast<float*>(smem_raw + (epi_base - smem_addr(smem_raw)));
   auto full = [&](int s) { return bars + 8u * s; };
   auto empty = [&](int s) { return bars + 8u * (S + s); };
 
@@ -189,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = t / 32, lane = t % 32;
     int stage = 0;
     uint32_t phase = 0;
+    uint32_t chunk = 0;  // TMA-store chunks issued by this warpgroup (selects the buffer)
     float acc[BN / 2];  // (64, BN) fp32 fragment of this warpgroup
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
       int tm, tn, kb0, kb1;
@@ -224,16 +253,51 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (prev >= 0 && lane == 0) mbar_arrive(empty(prev));
 
       // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...),
-      // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4). Stores straight from the fragment would be
-      // 16-byte pieces of 8 rows per warp instruction; instead each 64-column chunk goes through
-      // shared memory and leaves as whole row segments (a warp: 2 rows x 64 columns, 16 B/lane).
+      // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4).
+      if (tma_c) {
+        // bf16 C, alpha only, no split: each 64-column chunk is scaled and rounded in registers,
+        // written to one of this warpgroup's two (64, 64) bf16 buffers in the 128B-swizzle layout
+        // (16-byte column chunk k of row r at k ^ (r & 7): the 8 rows of a warp store hit 32
+        // distinct banks), and leaves through an asynchronous TMA store issued by one thread, so
+        // the warpgroup goes on to the next tile while the copy engine writes C. A buffer is
+        // rewritten only after the store that read it two chunks ago has finished reading.
+        const int r = warp * 16 + lane / 4;
+#pragma unroll
+        for (int j = 0; j < BN / 64; ++j) {
+          const uint32_t buf = epi_base + cw * 16384 + (chunk & 1) * 8192;
+          if (t == 0) bulk_wait_read<1>();
+          named_bar(1 + cw);
+#pragma unroll
+          for (int qq = 0; qq < 8; ++qq) {
+            const int q = 8 * j + qq;
+            const uint32_t off = buf + r * 128 + ((qq ^ (r & 7)) << 4) + 4 * (lane % 4);
+            const __nv_bfloat162 lo = __floats2bfloat162_rn(acc[4 * q] * epi.alpha, acc[4 * q + 1] * epi.alpha);
+            const __nv_bfloat162 hi =
+                __floats2bfloat162_rn(acc[4 * q + 2] * epi.alpha, acc[4 * q + 3] * epi.alpha);
+            st_shared_u32(off, *reinterpret_cast<const uint32_t*>(&lo));
+            st_shared_u32(off + 8 * 128, *reinterpret_cast<const uint32_t*>(&hi));  // row r + 8
+          }
+          fence_proxy_async();  // generic-proxy writes -> visible to the copy engine
+          named_bar(1 + cw);
+          if (t == 0) {
+            const int c0 = tn * BN + 64 * j, r0 = tm * kBM + cw * 64;
+            if (c0 < epi.N && r0 < epi.M) tma_store_2d(&tm_c, buf, c0, r0);
+            bulk_commit();  // possibly empty: one group per chunk keeps wait_read<1> exact
+          }
+          ++chunk;
+        }
+        continue;
+      }
+      // Generic epilogue (fp32 C, bias, beta, residual, split-K partials): each 64-column chunk
+      // goes through shared memory as fp32 and leaves as whole row segments (a warp: 2 rows x 64
+      // columns, 16 B/lane). The row loop stays rolled: its body inlines the whole epilogue.
       float* st = epi_stage + cw * 64 * Cfg::kStagePitch;  // (64, 64) chunk of this warpgroup
       const int split = u % sched.splits;
       float* ws_out = ws + static_cast<int64_t>(split) * epi.M * epi.N;  // (M, N) fp32 partials
       const int row0 = tm * kBM + cw * 64;
 #pragma unroll
       for (int j = 0; j < BN / 64; ++j) {
-        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");  // previous chunk read out
+        named_bar(1 + cw);  // previous chunk read out
 #pragma unroll
         for (int q = 8 * j; q < 8 * j + 8; ++q) {
           const int rr = warp * 16 + lane / 4, cc = 8 * (q - 8 * j) + 2 * (lane % 4);
@@ -242,9 +306,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(st + (rr + 8) * Cfg::kStagePitch + sw) =
               make_float2(acc[4 * q + 2], acc[4 * q + 3]);
         }
-        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");
+        named_bar(1 + cw);
         const int col = tn * BN + 64 * j + 4 * (t % 16);
-#pragma unroll
+#pragma unroll 1
         for (int i = 0; i < 8; ++i) {
           const int rr = t / 16 + 8 * i;
           const float4 v =
@@ -265,6 +329,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    // The CTA's shared memory must outlive the reads of its last TMA stores.
+    if (tma_c && t == 0) bulk_wait_all();
   }
 #else
   __trap();
@@ -312,6 +378,22 @@ inline bool operands_fit(const GemmParams& p) {
   return al(p.A) && al(p.B) && p.lda % 8 == 0 && p.ldb % 8 == 0;
 }
 
+inline int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : 0;
+}
+
+// The TMA-store epilogue: bf16 C, 16-byte aligned with ldc % 8 == 0, and nothing to add
+// (alpha is applied in registers). TQ_GEMM_SM90_TMA_C=0 turns it off (A/B comparisons).
+inline bool c_store_fits(const GemmParams& p) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TQ_GEMM_SM90_TMA_C");
+    return !(v && v[0] == '0');
+  }();
+  return enabled && p.c_dtype == GemmDType::bf16 && p.bias == nullptr && p.beta == 0.0f &&
+         p.residual == nullptr && reinterpret_cast<uintptr_t>(p.C) % 16 == 0 && p.ldc % 8 == 0;
+}
+
 // Multiprocessor count of the current device, looked up once per device (host overhead matters
 // for the small GEMMs, which take a few microseconds on the GPU).
 inline int num_sms() {
@@ -349,7 +431,9 @@ inline Choice choose(int M, int N, int K, int sms) {
       const int kb_per = (kb + s - 1) / s;
       double t = waves * (kb_per * (2.0 * kBM * bn * kBK) / (flops_per_s_sm * eff) + 1.0e-6);
       t = std::max(t, t_mem * (tiles * s < sms / 2 ? 2.0 : 1.0));  // few CTAs: less bandwidth
-      if (s > 1) t += (4.0 * s * M * N * 2.0) / bytes_per_s + 3.0e-6;
+      // fp32 partials written and read back: measured on the H200 at about 1.9 TB/s effective
+      // (M=1136, N=2048, K=16384: 4 splits cost ~40 us more than the model's mainloop saving).
+      if (s > 1) t += (4.0 * s * M * N * 2.0) / 1.9e12 + 3.0e-6;
       if (t < best_t * 0.98) {
         best_t = t;
         best = {bn, s};
@@ -375,10 +459,15 @@ void launch_tile(const GemmParams& p, int splits, float* ws, int sms, cudaStream
   // B: K-major (N, K) box (BN, 64) | N-major (K, N) box (64, 64)
   const CUtensorMap mb = BN_MAJOR ? make_tensor_map(p.B, p.K, p.N, p.ldb, kBK)
                                   : make_tensor_map(p.B, p.N, p.K, p.ldb, BN);
+  // C through TMA stores when the epilogue is a plain scaled bf16 store (see the kernel).
+  const bool tma_c = c_store_fits(p) && splits == 1;
+  CUtensorMap mc{};
+  if (tma_c) mc = make_tensor_map(p.C, p.M, p.N, p.ldc, 64);  // box (64, 64)
   Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK};
   const int64_t units = static_cast<int64_t>(sched.tiles_m) * sched.tiles_n * splits;
   const int grid = static_cast<int>(std::min<int64_t>(units, sms));
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, make_epilogue(p), ws, sched);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, mc, make_epilogue(p), ws, sched,
+                                                      tma_c ? 1 : 0);
   TQ_CUDA_CHECK_LAUNCH();
 }
 
@@ -395,8 +484,13 @@ inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
   TQ_CHECK(operands_fit(p), "gemm sm90: A and B need 16-byte aligned bases and lda, ldb % 8 == 0");
   const int sms = num_sms();
   Choice c = choose(p.M, p.N, p.K, sms);
+  // Tuning knobs for benchmark sweeps (cost-model calibration): TQ_GEMM_SM90_TILE_N and
+  // TQ_GEMM_SM90_SPLIT override the model where the call itself forces nothing.
+  static const int env_bn = env_int("TQ_GEMM_SM90_TILE_N"), env_split = env_int("TQ_GEMM_SM90_SPLIT");
   if (p.tile_n) c.bn = p.tile_n;
+  else if (env_bn) c.bn = env_bn;
   if (p.split_k) c.splits = std::min(p.split_k, (p.K + kBK - 1) / kBK);
+  else if (env_split) c.splits = std::min(env_split, (p.K + kBK - 1) / kBK);
   TQ_CHECK(c.bn == 128 || c.bn == 192 || c.bn == 256, "gemm sm90: tile_n must be 128, 192 or 256");
   GemmScratch scratch(p, c.splits > 1 ? sizeof(float) * c.splits * p.M * size_t(p.N) : 0, stream);
   float* ws = scratch.f32();

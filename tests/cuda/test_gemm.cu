@@ -201,6 +201,14 @@ TEST(GpuGemm, Sm90SplitKAndPersistentTiles) {
       check_against_cpu({.M = M, .N = 264, .K = 1152, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
                          .split_k = 5});
     }
+  // The TMA-store epilogue with alpha != 1, tails in M and N, several tiles per CTA; and the
+  // same problem forced onto the generic epilogue by an fp32 output.
+  for (auto [ta, tb] : kLayouts) {
+    check_against_cpu({.M = 1100, .N = 1000, .K = 264, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
+                       .alpha = 0.75f, .tile_n = 192});
+    check_against_cpu({.M = 1100, .N = 1000, .K = 264, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
+                       .out_f32 = true, .alpha = 0.75f, .tile_n = 256});
+  }
   // N odd (B K-major allows it): the scalar store fallbacks of the epilogue and of split-K
   check_against_cpu({.M = 130, .N = 77, .K = 520, .ta = false, .tb = true, .kernel = GemmKernel::sm90,
                      .bias = true, .residual = true});
