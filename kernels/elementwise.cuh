@@ -15,93 +15,14 @@
 
 namespace tq::cuda {
 
-// ---- per-element math (device) ----
+// ---- per-element math: the CPU reference's own formulas (ops/elementwise.hpp, TQ_HOST_DEVICE) ----
 
-template <class C>
-__device__ __forceinline__ C binary_apply(BinaryOp op, C a, C b) {
-  switch (op) {
-    case BinaryOp::add: return a + b;
-    case BinaryOp::sub: return a - b;
-    case BinaryOp::mul: return a * b;
-    case BinaryOp::div: return a / b;
-    case BinaryOp::maximum: return a > b || a != a ? a : b;
-    case BinaryOp::minimum: return a < b || a != a ? a : b;
-    case BinaryOp::eq: return a == b ? C(1) : C(0);
-    case BinaryOp::gt: return a > b ? C(1) : C(0);
-    case BinaryOp::lt: return a < b ? C(1) : C(0);
-  }
-  return a;
-}
-
-template <class C>
-__device__ __forceinline__ C unary_apply(UnaryOp op, C x) {
-  if constexpr (std::is_integral_v<C>) {
-    switch (op) {
-      case UnaryOp::neg: return -x;
-      case UnaryOp::abs: return x < 0 ? -x : x;
-      case UnaryOp::square: return x * x;
-      default: return x;  // rejected on the host
-    }
-  } else {
-    constexpr C kSqrt2OverPi = C(0.7978845608028654);
-    switch (op) {
-      case UnaryOp::neg: return -x;
-      case UnaryOp::exp: return std::exp(x);
-      case UnaryOp::log: return std::log(x);
-      case UnaryOp::sqrt: return std::sqrt(x);
-      case UnaryOp::rsqrt: return C(1) / std::sqrt(x);
-      case UnaryOp::tanh: return std::tanh(x);
-      case UnaryOp::sigmoid: return C(1) / (C(1) + std::exp(-x));
-      case UnaryOp::gelu_erf: return C(0.5) * x * (C(1) + std::erf(x * C(0.7071067811865476)));
-      case UnaryOp::gelu_tanh: return C(0.5) * x * (C(1) + std::tanh(kSqrt2OverPi * (x + C(0.044715) * x * x * x)));
-      case UnaryOp::silu: return x / (C(1) + std::exp(-x));
-      case UnaryOp::abs: return std::abs(x);
-      case UnaryOp::square: return x * x;
-    }
-  }
-  return x;
-}
-
-template <class C>
-__device__ __forceinline__ C unary_derivative(UnaryOp op, C x) {
-  constexpr C kSqrt2OverPi = C(0.7978845608028654);
-  switch (op) {
-    case UnaryOp::neg: return C(-1);
-    case UnaryOp::exp: return std::exp(x);
-    case UnaryOp::log: return C(1) / x;
-    case UnaryOp::sqrt: return C(0.5) / std::sqrt(x);
-    case UnaryOp::rsqrt: return C(-0.5) / (x * std::sqrt(x));
-    case UnaryOp::tanh: {
-      C t = std::tanh(x);
-      return C(1) - t * t;
-    }
-    case UnaryOp::sigmoid: {
-      C s = C(1) / (C(1) + std::exp(-x));
-      return s * (C(1) - s);
-    }
-    case UnaryOp::gelu_erf: {
-      C cdf = C(0.5) * (C(1) + std::erf(x * C(0.7071067811865476)));
-      C pdf = std::exp(C(-0.5) * x * x) * C(0.3989422804014327);
-      return cdf + x * pdf;
-    }
-    case UnaryOp::gelu_tanh: {
-      C inner = kSqrt2OverPi * (x + C(0.044715) * x * x * x);
-      C t = std::tanh(inner);
-      C dinner = kSqrt2OverPi * (C(1) + C(3 * 0.044715) * x * x);
-      return C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * dinner;
-    }
-    case UnaryOp::silu: {
-      C s = C(1) / (C(1) + std::exp(-x));
-      return s * (C(1) + x * (C(1) - s));
-    }
-    case UnaryOp::abs: return x > 0 ? C(1) : (x < 0 ? C(-1) : C(0));
-    case UnaryOp::square: return C(2) * x;
-  }
-  return C(0);
-}
+using ops::apply_binary;
+using ops::apply_unary;
+using ops::unary_derivative;
 
 // Runtime op -> compile-time op, once per kernel rather than once per element: with the op a
-// constant, each instantiation folds binary_apply/unary_apply down to its one formula.
+// constant, each instantiation folds apply_binary/apply_unary down to its one formula.
 template <class F>
 __device__ __forceinline__ void with_binary_op(BinaryOp op, F&& f) {
   using B = BinaryOp;
@@ -171,14 +92,14 @@ __global__ void binary_contiguous_kernel(BinaryOp op_rt, T* __restrict__ out, co
         for (int j = 0; j < V; ++j) {
           const C x = pa == 1 ? sa : convert<C>(va.v[j]);
           const C y = pb == 1 ? sb : convert<C>(vb.v[j]);
-          vo.v[j] = convert<T>(binary_apply<C>(op, x, y));
+          vo.v[j] = convert<T>(apply_binary<C>(op, x, y));
         }
         reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
       }
       done = nv * V;
     }
     for (int64_t i = done + tid; i < n; i += stride)
-      out[i] = convert<T>(binary_apply<C>(op, convert<C>(a[periodic(i, pa, n)]), convert<C>(b[periodic(i, pb, n)])));
+      out[i] = convert<T>(apply_binary<C>(op, convert<C>(a[periodic(i, pa, n)]), convert<C>(b[periodic(i, pb, n)])));
   });
 }
 
@@ -190,7 +111,7 @@ __global__ void binary_strided_kernel(BinaryOp op, T* __restrict__ out, const T*
   for (Index i = Index(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += Index(gridDim.x) * blockDim.x) {
     int64_t off[2];
     offsets_of<Index, 2>(g, i, off);
-    out[i] = convert<T>(binary_apply<C>(op, convert<C>(a[off[0]]), convert<C>(b[off[1]])));
+    out[i] = convert<T>(apply_binary<C>(op, convert<C>(a[off[0]]), convert<C>(b[off[1]])));
   }
 }
 
@@ -208,12 +129,12 @@ __global__ void unary_kernel(UnaryOp op_rt, T* __restrict__ out, const T* __rest
       for (int64_t v = tid; v < nv; v += stride) {
         Vec<T, V> vx = reinterpret_cast<const Vec<T, V>*>(x)[v], vo;
 #pragma unroll
-        for (int j = 0; j < V; ++j) vo.v[j] = convert<T>(unary_apply<C>(op, convert<C>(vx.v[j])));
+        for (int j = 0; j < V; ++j) vo.v[j] = convert<T>(apply_unary<C>(op, convert<C>(vx.v[j])));
         reinterpret_cast<Vec<T, V>*>(out)[v] = vo;
       }
       done = nv * V;
     }
-    for (int64_t i = done + tid; i < n; i += stride) out[i] = convert<T>(unary_apply<C>(op, convert<C>(x[i])));
+    for (int64_t i = done + tid; i < n; i += stride) out[i] = convert<T>(apply_unary<C>(op, convert<C>(x[i])));
   });
 }
 

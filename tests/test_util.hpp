@@ -14,6 +14,12 @@ inline uint64_t fresh_seed() {
   return (uint64_t(rd()) << 32) | rd();
 }
 
+// A per-binary engine seeded fresh each run (for ids, shapes and other integer choices).
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 r(fresh_seed());
+  return r;
+}
+
 // Random tensor in [lo, hi) of the given dtype; a new draw every call.
 inline Tensor random(const Shape& shape, DType dtype = DType::f64, double lo = -1.0, double hi = 1.0) {
   static Generator gen(fresh_seed());

@@ -2,6 +2,8 @@
 // metrics_generate.py): 520 RISC-style items, raw (RISC notebook) and PTB (COCO) modes.
 // BLEU, ROUGE-L and CIDEr must agree to 1e-9, METEOR to 1e-6, corpus and per item.
 #include "metrics/meteor_data.hpp"
+
+#include <cstdlib>
 #include "metrics/scorer.hpp"
 
 #include <gtest/gtest.h>
@@ -40,6 +42,10 @@ const MeteorData* meteor_data() {
   return d.get();
 }
 
+// Without the data METEOR tests skip, except where TQ_REQUIRE_METEOR is set (CI sets it, so a
+// failed data download fails the run instead of silently skipping the comparison).
+bool meteor_required() { return std::getenv("TQ_REQUIRE_METEOR") != nullptr; }
+
 void expect_scores(const nlohmann::json& ref, const std::array<double, 4>& bleu, double rouge, double cider,
                    const std::string& what) {
   for (int k = 0; k < 4; ++k)
@@ -53,7 +59,10 @@ void check_mode(const std::string& mode, Tokenization tok, bool with_meteor) {
   ASSERT_GE(items.size(), 500u);
   const auto& ref = fixture()[mode];
   const MeteorData* data = with_meteor ? meteor_data() : nullptr;
-  if (with_meteor && !data) GTEST_SKIP() << "METEOR data absent; run tools/setup_meteor.sh";
+  if (with_meteor && !data) {
+    if (meteor_required()) FAIL() << "METEOR data absent and TQ_REQUIRE_METEOR is set";
+    GTEST_SKIP() << "METEOR data absent; run tools/setup_meteor.sh";
+  }
   const CaptionScores s = score_captions(items, tok, data);
   expect_scores(ref["corpus"], s.bleu, s.rouge_l, s.cider, mode + " corpus");
   for (size_t i = 0; i < items.size(); ++i) {
@@ -95,7 +104,10 @@ TEST(MetricsFixture, PtbTokenizerMatchesStanford) {
 // METEOR difference comes from: normalization, a matcher, or the alignment search.
 TEST(MetricsFixture, MeteorStatisticsMatchJar) {
   const MeteorData* data = meteor_data();
-  if (!data) GTEST_SKIP() << "METEOR data absent; run tools/setup_meteor.sh";
+  if (!data) {
+    if (meteor_required()) FAIL() << "METEOR data absent and TQ_REQUIRE_METEOR is set";
+    GTEST_SKIP() << "METEOR data absent; run tools/setup_meteor.sh";
+  }
   const auto items = fixture_items();
   MeteorScorer ms(*data);
   for (size_t i = 0; i < items.size(); ++i) {

@@ -11,10 +11,7 @@ using tq::test::random;
 
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(tq::test::fresh_seed());
-  return r;
-}
+using tq::test::rng;
 int64_t rand_int(int64_t lo, int64_t hi) { return lo + int64_t(rng()() % uint64_t(hi - lo + 1)); }
 
 // Direct conv2d (stride P, no padding) laid out as (B, Nh·Nw, O), token = row·Nw + col.

@@ -12,10 +12,7 @@ using tq::test::random_shape;
 
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(tq::test::fresh_seed());
-  return r;
-}
+using tq::test::rng;
 
 Tensor random_ids(const Shape& s, int64_t V, DType dt = DType::i64) {
   std::vector<int64_t> v(static_cast<size_t>(numel_of(s)));

@@ -13,10 +13,7 @@ using tq::test::random_shape;
 
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(tq::test::fresh_seed());
-  return r;
-}
+using tq::test::rng;
 
 Tensor random_positions(int64_t B, int64_t T, int64_t max_pos) {
   std::vector<int64_t> v(size_t(B * T));

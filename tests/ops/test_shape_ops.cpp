@@ -12,10 +12,7 @@ using tq::test::random_shape;
 
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(tq::test::fresh_seed());
-  return r;
-}
+using tq::test::rng;
 int64_t rand_int(int64_t n) { return int64_t(rng()() % uint64_t(n)); }
 
 // (outer, n, inner) of a shape around dim.

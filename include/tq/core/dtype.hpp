@@ -10,6 +10,16 @@
 
 #include "tq/core/error.hpp"
 
+// Marks functions shared by host code and CUDA kernels (the CUDA backend calls the same formulas
+// the CPU reference uses).
+#ifndef TQ_HOST_DEVICE
+#if defined(__CUDACC__)
+#define TQ_HOST_DEVICE __host__ __device__
+#else
+#define TQ_HOST_DEVICE
+#endif
+#endif
+
 namespace tq {
 
 enum class DType : uint8_t { f32, f64, bf16, f16, i32, i64, u8, boolean };

@@ -13,11 +13,6 @@
 
 #include "tq/core/tensor.hpp"
 
-#if defined(__CUDACC__)
-#define TQ_HOST_DEVICE __host__ __device__
-#else
-#define TQ_HOST_DEVICE
-#endif
 
 namespace tq {
 

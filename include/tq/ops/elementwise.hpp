@@ -37,8 +37,9 @@ R call_cuda(R (*fn)(Params...), const char* op, Args&&... args) {
   return fn(std::forward<Args>(args)...);
 }
 
+// Per-element formulas, shared by the CPU loops and the CUDA kernels (kernels/elementwise.cuh).
 template <class C>
-inline C apply_binary(BinaryOp op, C a, C b) {
+TQ_HOST_DEVICE inline C apply_binary(BinaryOp op, C a, C b) {
   switch (op) {
     case BinaryOp::add: return a + b;
     case BinaryOp::sub: return a - b;
@@ -53,14 +54,19 @@ inline C apply_binary(BinaryOp op, C a, C b) {
   return a;
 }
 
+// Integer tensors support neg, abs and square only (checked on the host before any loop).
+inline bool unary_defined_for_integers(UnaryOp op) {
+  return op == UnaryOp::neg || op == UnaryOp::abs || op == UnaryOp::square;
+}
+
 template <class C>
-inline C apply_unary(UnaryOp op, C x) {
+TQ_HOST_DEVICE inline C apply_unary(UnaryOp op, C x) {
   if constexpr (std::is_integral_v<C>) {
     switch (op) {
       case UnaryOp::neg: return -x;
       case UnaryOp::abs: return x < 0 ? -x : x;
       case UnaryOp::square: return x * x;
-      default: fail("unary op not defined for integer tensors");
+      default: return x;
     }
   } else {
     constexpr C kSqrt2OverPi = C(0.7978845608028654);
@@ -84,7 +90,7 @@ inline C apply_unary(UnaryOp op, C x) {
 
 // d op(x) / dx.
 template <class C>
-inline C unary_derivative(UnaryOp op, C x) {
+TQ_HOST_DEVICE inline C unary_derivative(UnaryOp op, C x) {
   constexpr C kSqrt2OverPi = C(0.7978845608028654);
   switch (op) {
     case UnaryOp::neg: return C(-1);
@@ -152,6 +158,8 @@ inline Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
 }
 
 inline Tensor unary(UnaryOp op, const Tensor& x) {
+  TQ_CHECK(is_floating(x.dtype()) || unary_defined_for_integers(op), "unary op ", int(op),
+           " is not defined for integer tensors: ", describe(x));
   if (x.device().is_cuda()) return call_cuda(cuda_elementwise_kernels().unary, "unary op", op, x);
   require_cpu("unary op", x);
   const DType ct = compute_dtype(x.dtype());
