@@ -83,9 +83,16 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
 
   // input_ids (B, T) [+ pixel_values] → merged input embeddings (B, T, D).
   Tensor embed(const Tensor& input_ids, const Tensor& pixel_values) {
-    Tensor x = embedding(input_ids, model->language_model.embed_tokens);
     int64_t n_tokens = 0;
     Tensor is_image = image_token_mask(input_ids, n_tokens);
+    Tensor lookup = input_ids;
+    if (config.image_token_index >= text().vocab_size && n_tokens > 0) {  // HF: an OOV image token looks up row 0
+      std::vector<int64_t> v = input_ids.to_vector<int64_t>();
+      for (auto& id : v)
+        if (id == config.image_token_index) id = 0;
+      lookup = Tensor::from_vector(v, input_ids.shape());
+    }
+    Tensor x = embedding(lookup, model->language_model.embed_tokens);
     if (!pixel_values.defined()) {
       TQ_CHECK(n_tokens == 0, "PaliGemma: input_ids hold ", n_tokens, " image tokens but no pixel_values were given");
       return x;

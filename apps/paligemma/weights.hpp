@@ -97,10 +97,13 @@ inline void load_weights(PaliGemmaForConditionalGeneration& m, const Safetensors
     return load_tensor(w, dir, it->second, param, shape, opt.dtype);
   };
   // Linear slots first: their weights may be quantized instead of stored densely.
+  // Collect the slots before replacing any: a replaced layer frees the module it held.
+  std::vector<std::pair<std::string, std::unique_ptr<nn::LinearBase>*>> slots;
+  for (auto& [mname, mod] : m.named_modules())
+    for (auto& [sname, slot] : mod->linear_slots()) slots.push_back({mname + "." + sname, slot});
   std::set<const Tensor*> done;
-  for (auto& [mname, mod] : m.named_modules()) {
-    for (auto& [sname, slot] : mod->linear_slots()) {
-      const std::string base = mname + "." + sname;
+  {
+    for (auto& [base, slot] : slots) {
       auto* lin = dynamic_cast<nn::Linear*>(slot->get());
       TQ_CHECK(lin != nullptr, "load_weights: ", base, " is not a dense Linear (load before applying adapters)");
       Tensor wt = take(base + ".weight", lin->weight.shape());
