@@ -5,6 +5,7 @@
 // without token_type_ids, default and --hf-compat semantics.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "test_model_util.hpp"
 
@@ -51,6 +52,11 @@ TEST_P(ModelParity, LogitsLossAndGreedyMatchHF) {
   Ref ref(model_name);
   const double cap = m->text().final_logit_softcapping;
   NoGradGuard ng;
+  double worst_logit = 0, worst_loss = 0;
+  auto track = [&](double e, double l) {
+    worst_logit = std::max(worst_logit, e);
+    worst_loss = std::max(worst_loss, l);
+  };
   for (const std::string bname : {"batch_left", "batch_right"}) {
     SCOPED_TRACE(model_name + "/" + layout + " " + bname);
     Batch b = load_batch(fixture(model_name + "/" + bname + ".safetensors"));
@@ -69,7 +75,14 @@ TEST_P(ModelParity, LogitsLossAndGreedyMatchHF) {
     e = rel_logit_error(m->logits(b), softcap(ref.get(bname + ".logits"), cap), b.attention_mask);
     EXPECT_LT(e, 1e-4) << "softcapped";
     EXPECT_NEAR(m->loss(b).item<double>(), ref.get(bname + ".loss_softcap").item<double>(), 1e-5);
+    track(e, std::abs(m->loss(b).item<double>() - ref.get(bname + ".loss_softcap").item<double>()));
+    m->options.hf_compat = true;
+    track(0, std::abs(m->loss(b).item<double>() - ref.get(bname + ".loss").item<double>()));
+    track(rel_logit_error(m->logits(nott), ref.get(bname + ".logits_nott"), b.attention_mask), 0);
+    track(rel_logit_error(m->logits(b), ref.get(bname + ".logits"), b.attention_mask), 0);
   }
+  std::printf("[ info ] %s/%s worst relative logit error %.2e, worst loss error %.2e\n", model_name.c_str(),
+              layout.c_str(), worst_logit, worst_loss);
   const int64_t eos = ref.get("gen_eos").item<int64_t>();
   for (const std::string gname : {"gen_left", "gen_right"}) {
     SCOPED_TRACE(model_name + "/" + layout + " " + gname);
