@@ -6,10 +6,14 @@
 // (each skipped when that side keeps its size; order per Pillow version, below), a = -0.5 cubic
 // kernel widened by the downscale factor, coefficients normalized in double then rounded to
 // 22-bit fixed point, rounding-and-clipping to uint8 between the passes. Same size = copy, as
-// Image.resize returns self.copy(). Decoding is stb_image, not libjpeg: JPEG pixels may differ
-// from PIL's by a few levels (IDCT/upsampling), PNG pixels are exact.
+// Image.resize returns self.copy().
+//
+// Decoding: JPEG through libjpeg-turbo set up as PIL sets it up (risc/jpeg_decode.hpp), so JPEG
+// pixels equal PIL's; PNG/BMP and, where TQ_HAVE_LIBJPEG is not defined, JPEG through stb_image
+// (PNG exact; stb's JPEG IDCT/upsampling differ from libjpeg's by up to ~3 levels).
 #pragma once
 
+#include "risc/jpeg_decode.hpp"
 #include "risc/stb_image_impl.hpp"
 
 #include <tq/core/error.hpp>
@@ -31,6 +35,15 @@ struct ImageU8 {
 // Decodes JPEG/PNG/BMP bytes to RGB. `where` names the row for the error message.
 inline ImageU8 decode_image(std::string_view bytes, const std::string& where) {
   TQ_CHECK(bytes.size() <= INT32_MAX, where, ": image of ", bytes.size(), " bytes is too large");
+#ifdef TQ_HAVE_LIBJPEG
+  const auto* data = reinterpret_cast<const unsigned char*>(bytes.data());
+  if (jpeg::looks_like_jpeg(data, bytes.size())) {
+    ImageU8 img;
+    const std::string why = jpeg::decode_rgb(data, bytes.size(), img.width, img.height, img.rgb);
+    if (!why.empty()) fail(str_cat(where, ": corrupt image (", why, ", ", bytes.size(), " bytes)"));
+    return img;
+  }
+#endif
   int w = 0, h = 0, comp = 0;
   stbi_uc* px = stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
                                       static_cast<int>(bytes.size()), &w, &h, &comp, 3);

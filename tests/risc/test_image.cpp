@@ -45,7 +45,9 @@ TEST(RiscImage, BicubicResizeEqualsPillow) {
     }
   }
   EXPECT_EQ(compared, 18);
-  if (order != PilResizeOrder::Pillow12_1) EXPECT_GE(order_sensitive, 3);
+  if (order != PilResizeOrder::Pillow12_1) {
+    EXPECT_GE(order_sensitive, 3);
+  }
 }
 
 TEST(RiscImage, NormalizeEqualsNumpyFloat32) {
