@@ -1,10 +1,17 @@
 // `paligemma generate --model DIR --batch FILE.safetensors --max-new-tokens N [...]`: batched greedy
-// decoding; prints {"sequences": [[ids…], …]} with the prompt included, as HF's generate returns them.
-// "texts" needs the processor's tokenizer (apps/paligemma/tokenizer.hpp), not wired in yet.
+// decoding; prints {"sequences": [[ids…], …], "texts": [...]} with the prompt included in the
+// sequences, as HF's generate returns them, and the texts decoded after the prompt with special
+// tokens skipped. `--adapter DIR` applies a PEFT adapter written by tq or peft.
 #include <cstdio>
+#include <filesystem>
+#include <optional>
 
+#include <nlohmann/json.hpp>
+
+#include "paligemma/adapter.hpp"
 #include "paligemma/cli_model_common.hpp"
 #include "paligemma/generate.hpp"
+#include "paligemma/tokenizer.hpp"
 
 namespace {
 
@@ -24,22 +31,29 @@ const tq::cli::Register reg_generate(
                                               "adapter_model.safetensors)");
       return [a] {
         using namespace tq::paligemma;
-        TQ_CHECK(a->adapter.empty(), "--adapter: loading PEFT adapters is not implemented in `generate` yet");
         auto m = cli::load_cli_model(*a);
+        if (!a->adapter.empty()) load_peft_adapter(a->adapter, *m);
+        m->train(false);
+        // Texts need the model's tokenizer.model; parity checkpoints without one print ids only.
+        std::optional<Tokenizer> tok;
+        if (std::filesystem::exists(std::filesystem::path(a->model) / "tokenizer.model")) tok = Tokenizer::load(a->model);
+        else std::fprintf(stderr, "note: %s has no tokenizer.model: printing token ids only\n", a->model.c_str());
         Batch b = cli::load_batch_file(a->batch);
+        const int64_t prompt_len = b.input_ids.size(1);
         GenerateOptions o;
         o.max_new_tokens = a->max_new_tokens;
         o.eos_token_id = m->config.eos_token_id;
         o.pad_token_id = m->config.pad_token_id;
         auto seqs = greedy_generate(*m, b, o);
-        std::string s = "{\"sequences\": [";
-        for (size_t i = 0; i < seqs.size(); ++i) {
-          s += i ? ", [" : "[";
-          for (size_t j = 0; j < seqs[i].size(); ++j) s += (j ? ", " : "") + std::to_string(seqs[i][j]);
-          s += "]";
+        nlohmann::json out;
+        out["sequences"] = seqs;
+        if (tok) out["texts"] = nlohmann::json::array();
+        for (const auto& seq : seqs) {
+          if (!tok) break;
+          std::vector<int64_t> generated(seq.begin() + std::min<int64_t>(prompt_len, int64_t(seq.size())), seq.end());
+          out["texts"].push_back(tok->decode(generated, true));
         }
-        s += "]}\n";
-        std::fputs(s.c_str(), stdout);
+        std::fputs((out.dump() + "\n").c_str(), stdout);
         return 0;
       };
     });

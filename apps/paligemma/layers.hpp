@@ -12,21 +12,6 @@
 
 namespace tq::paligemma {
 
-// A frozen bitsandbytes-style Linear4bit in a linear slot, so LoRA can wrap it (QLoRA).
-class NF4LinearModule : public nn::LinearBase {
- public:
-  explicit NF4LinearModule(NF4Linear impl) : impl_(std::move(impl)) {}
-  Tensor forward(const Tensor& x) override { return impl_.forward(x); }
-  int64_t in_features() const override { return impl_.in_features(); }
-  int64_t out_features() const override { return impl_.out_features(); }
-  Tensor dense_weight(DType dtype) override { return nf4_dequantize(impl_.weight(), dtype); }
-  Tensor bias_tensor() const override { return impl_.bias(); }
-  const NF4Linear& impl() const { return impl_; }
-
- private:
-  NF4Linear impl_;
-};
-
 inline std::unique_ptr<nn::LinearBase> make_linear(int64_t in, int64_t out, bool bias, DType dtype) {
   return std::make_unique<nn::Linear>(Tensor::empty({out, in}, dtype), bias ? Tensor::empty({out}, dtype) : Tensor());
 }

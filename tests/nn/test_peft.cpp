@@ -57,7 +57,9 @@ TEST_P(PeftFixture, AdapterWrittenByPeftReproducesPeft) {
   EXPECT_LE(rel_err(x.grad(), f.get("grad.x")), 1e-5);
   EXPECT_LE(rel_err(l->lora_A.grad(), f.get("grad.lora_A")), 1e-5);
   EXPECT_LE(rel_err(l->lora_B.grad(), f.get("grad.lora_B")), 1e-5);
-  if (v == "dora") EXPECT_LE(rel_err(l->lora_magnitude_vector.grad(), f.get("grad.magnitude")), 1e-5);
+  if (v == "dora") {
+    EXPECT_LE(rel_err(l->lora_magnitude_vector.grad(), f.get("grad.magnitude")), 1e-5);
+  }
 }
 
 // An adapter written by tq reads back identically and carries peft's keys and config fields.

@@ -11,6 +11,7 @@
 
 #include "tq/ops/elementwise.hpp"
 #include "tq/ops/matmul.hpp"
+#include "tq/nn/linear.hpp"
 #include "tq/quant/nf4.hpp"
 
 namespace tq {
@@ -72,6 +73,21 @@ class NF4Linear {
   NF4Tensor weight_;
   Tensor bias_;
   Tensor scratch_;  // bf16 (out, in)
+};
+
+// NF4Linear in an nn::Module linear slot, so apply_lora can wrap a quantized layer (QLoRA).
+class NF4LinearModule : public nn::LinearBase {
+ public:
+  explicit NF4LinearModule(NF4Linear impl) : impl_(std::move(impl)) {}
+  Tensor forward(const Tensor& x) override { return impl_.forward(x); }
+  int64_t in_features() const override { return impl_.in_features(); }
+  int64_t out_features() const override { return impl_.out_features(); }
+  Tensor dense_weight(DType dtype) override { return nf4_dequantize(impl_.weight(), dtype); }
+  Tensor bias_tensor() const override { return impl_.bias(); }
+  const NF4Linear& impl() const { return impl_; }
+
+ private:
+  NF4Linear impl_;
 };
 
 }  // namespace tq
