@@ -1,8 +1,7 @@
-// Test-local helpers for the NF4 fixtures: a minimal safetensors reader (until tq/io lands), the
+// Test-local helpers for the NF4 fixtures: fixture files as maps (read with tq/io), the
 // splitmix64 input generator shared with tools/fixtures/nf4_fixtures.py, and FNV-1a-64 checksums.
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <tq/tq.hpp>
 
 #include <cstdio>
@@ -12,35 +11,17 @@
 
 namespace tq::test {
 
-struct SafetensorsFile {
+// A fixture file's tensors (read by tq's own reader) and metadata, as plain maps.
+struct FixtureFile {
   std::map<std::string, Tensor> tensors;
   std::map<std::string, std::string> metadata;
 };
 
-inline SafetensorsFile read_safetensors(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  TQ_CHECK(f.good(), "cannot open ", path);
-  uint64_t hlen = 0;
-  f.read(reinterpret_cast<char*>(&hlen), 8);
-  std::string header(hlen, '\0');
-  f.read(header.data(), std::streamsize(hlen));
-  std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  auto j = nlohmann::json::parse(header);
-  SafetensorsFile out;
-  static const std::map<std::string, DType> dts = {
-      {"F32", DType::f32}, {"F16", DType::f16}, {"BF16", DType::bf16}, {"U8", DType::u8}, {"I64", DType::i64}};
-  for (auto& [k, v] : j.items()) {
-    if (k == "__metadata__") {
-      for (auto& [mk, mv] : v.items()) out.metadata[mk] = mv.get<std::string>();
-      continue;
-    }
-    Shape shape = v["shape"].get<std::vector<int64_t>>();
-    auto off = v["data_offsets"].get<std::vector<size_t>>();
-    Tensor t = Tensor::empty(shape, dts.at(v["dtype"].get<std::string>()));
-    TQ_CHECK(off[1] - off[0] == t.nbytes(), path, ": size mismatch for ", k);
-    if (t.nbytes()) std::memcpy(t.data_ptr(), data.data() + off[0], t.nbytes());
-    out.tensors[k] = t;
-  }
+inline FixtureFile read_safetensors(const std::string& path) {
+  auto f = tq::SafetensorsFile::open(path);
+  FixtureFile out;
+  for (const auto& k : f.keys()) out.tensors[k] = f.get(k).clone();
+  out.metadata = f.metadata();
   return out;
 }
 
