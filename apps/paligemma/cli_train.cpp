@@ -24,6 +24,7 @@ struct TrainArgs {
                                   prompt = "caption en", resume;
   tq::paligemma::train::TrainOptions o;
   bool no_rslora = false, hf_compat = false;
+  int64_t stop_after = 0;
   double test_size = 0.10, val_size = 0.05;
 };
 
@@ -68,6 +69,8 @@ void add_flags(CLI::App& app, TrainArgs& a) {
   app.add_option("--save-every", o.save_every, "checkpoint every N steps (0: only on Ctrl-C)")->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "validation loss every N steps (0: never)")->capture_default_str();
   app.add_option("--eval-batches", o.eval_batches, "validation batches per eval (0: all)")->capture_default_str();
+  app.add_option("--stop-after", a.stop_after, "stop after N steps of this run, with a checkpoint (time-boxed jobs)")
+      ->capture_default_str();
   app.add_option("--resume", a.resume, "continue from a checkpoint directory (or an --out holding one)");
   app.add_option("--fail-after-bytes", o.fail_after_bytes, "testing: a checkpoint write fails after N bytes")
       ->capture_default_str();
@@ -131,13 +134,20 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   };
   train::interrupt_flag() = false;
   auto prev = std::signal(SIGINT, [](int) { train::interrupt_flag() = true; });
-  train::TrainResult r = tr.run();
+  train::TrainResult r = tr.run(a.stop_after);
   std::signal(SIGINT, prev);
   if (tty) std::fprintf(stderr, "\n");
   if (r.interrupted) {
     std::fprintf(stderr, "train: interrupted at step %lld; checkpoint %s (continue with --resume %s)\n",
                  (long long)r.steps_done, r.last_checkpoint.c_str(), a.out.c_str());
     return 130;
+  }
+  if (r.steps_done < r.total_steps) {
+    const std::string ck = r.last_checkpoint.empty() || r.last_checkpoint.find(str_cat("-", r.steps_done)) == std::string::npos
+                               ? tr.save_checkpoint(a.out) : r.last_checkpoint;
+    std::fprintf(stderr, "train: stopped at step %lld of %lld (--stop-after); checkpoint %s\n", (long long)r.steps_done,
+                 (long long)r.total_steps, ck.c_str());
+    return 0;
   }
   const std::string adapter = (fs::path(a.out) / "adapter").string();
   tr.save_adapter(adapter);

@@ -184,6 +184,20 @@ TEST(TrainResume, BitIdenticalLosses) {
   fs::remove_all(out);
 }
 
+// Gradient checkpointing recomputes decoder layers with the same dropout masks: same losses.
+TEST(TrainResume, GradCheckpointingSameLosses) {
+  const fs::path out = fs::temp_directory_path() / "tq_train_gc";
+  train::TrainOptions o = tiny_options(out);
+  o.max_steps = 3;
+  TinyRun plain(o);
+  std::vector<double> ref = plain.tr->run().losses;
+  o.grad_checkpointing = true;
+  TinyRun gc(o);
+  std::vector<double> got = gc.tr->run().losses;
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_EQ(got[i], ref[i]) << "step " << i;
+}
+
 TEST(TrainCheckpoint, FullDiskKeepsPreviousCheckpoint) {
   const fs::path out = fs::temp_directory_path() / "tq_train_fulldisk";
   fs::remove_all(out);
@@ -238,6 +252,55 @@ TEST(TrainCli, BadDataAndMissingModelFilesFailClearly) {
   EXPECT_NE(run_cli("train --model " + model + " --data " + kData + " --out " + out.string() + " --device cuda", err), 0);
   EXPECT_NE(err.find("CPU only"), std::string::npos) << err;
   fs::remove_all(out);
+}
+
+// A tiny model that fits the processor fixture's tokenizer: its config + random weights.
+fs::path tiny_model_dir() {
+  const fs::path dir = fs::temp_directory_path() / "tq_train_tiny_model";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const auto& e : fs::directory_iterator(fs::path(TQ_FIXTURES) / "paligemma_proc" / "model"))
+    fs::copy_file(e.path(), dir / e.path().filename());
+  PaliGemmaForConditionalGeneration m(load_config(dir.string()), DType::f32);
+  Generator gen(7);
+  std::vector<std::pair<std::string, Tensor>> w;
+  for (auto& [name, t] : m.named_parameters()) w.push_back({name, rand(t->shape(), gen, DType::f32, -0.1, 0.1)});
+  save_safetensors((dir / "model.safetensors").string(), w, {{"format", "pt"}});
+  return dir;
+}
+
+std::vector<std::string> log_losses(const fs::path& jsonl) {
+  std::ifstream in(jsonl);
+  std::vector<std::string> out;
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line)["loss"].dump());
+  return out;
+}
+
+// The CLI end to end with the recipe's defaults (NF4 base, bf16, rsLoRA, LoRA+): outputs, logs,
+// checkpoints, and a --stop-after / --resume pair that reproduces the uninterrupted run's losses.
+TEST(TrainCli, RecipeEndToEndAndResume) {
+  const fs::path model = tiny_model_dir(), out = fs::temp_directory_path() / "tq_train_cli_e2e";
+  fs::remove_all(out);
+  const std::string common = "train --model " + model.string() + " --data " + kData +
+                             " --max-steps 4 --batch-size 2 --grad-accum 2 --save-every 2 --lr 1e-2 --out ";
+  std::string err;
+  ASSERT_EQ(run_cli(common + (out / "full").string(), err), 0) << err;
+  for (const char* f : {"config.json", "log.jsonl", "log.csv", "adapter/adapter_model.safetensors",
+                        "adapter/adapter_config.json", "checkpoint-4/state.safetensors"})
+    EXPECT_TRUE(fs::exists(out / "full" / f)) << f;
+  EXPECT_FALSE(fs::exists(out / "full" / "checkpoint-2"));  // superseded
+  std::vector<std::string> ref = log_losses(out / "full" / "log.jsonl");
+  ASSERT_EQ(ref.size(), 4u);
+  auto cfg = nlohmann::json::parse(std::ifstream(out / "full" / "config.json"));
+  EXPECT_EQ(cfg["lora-plus-ratio"], "16");
+  EXPECT_EQ(cfg["quant"], "nf4");
+  ASSERT_EQ(run_cli(common + (out / "split").string() + " --stop-after 2", err), 0) << err;
+  EXPECT_TRUE(fs::exists(out / "split" / "checkpoint-2" / "state.safetensors"));
+  EXPECT_FALSE(fs::exists(out / "split" / "adapter"));
+  ASSERT_EQ(run_cli(common + (out / "split").string() + " --resume " + (out / "split").string(), err), 0) << err;
+  EXPECT_EQ(log_losses(out / "split" / "log.jsonl"), ref);  // bitwise: same printed doubles
+  fs::remove_all(out);
+  fs::remove_all(model);
 }
 
 TEST(TrainCount, PaliGemma3bRecipeTrainableParameters) {
