@@ -4,6 +4,8 @@
 // the recipe's trainable-parameter count for PaliGemma-3B from its config alone.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -299,6 +301,29 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
   EXPECT_FALSE(fs::exists(out / "split" / "adapter"));
   ASSERT_EQ(run_cli(common + (out / "split").string() + " --resume " + (out / "split").string(), err), 0) << err;
   EXPECT_EQ(log_losses(out / "split" / "log.jsonl"), ref);  // bitwise: same printed doubles
+  fs::remove_all(out);
+  fs::remove_all(model);
+}
+
+// Ctrl-C: the step in progress finishes, a checkpoint is written, exit status 130; it resumes.
+TEST(TrainCli, InterruptSavesCheckpoint) {
+  const fs::path model = tiny_model_dir(), out = fs::temp_directory_path() / "tq_train_cli_sigint";
+  fs::remove_all(out);
+  const std::string args = "train --model " + model.string() + " --data " + kData +
+                           " --max-steps 100000 --batch-size 2 --grad-accum 1 --out " + out.string();
+  const std::string cmd = "timeout --preserve-status -s INT 3 " + std::string(TQ_BIN_DIR) + "/paligemma " + args +
+                          " 2> " + (fs::temp_directory_path() / "tq_train_sigint.err").string();
+  const int rc = std::system(cmd.c_str());
+  std::ifstream in(fs::temp_directory_path() / "tq_train_sigint.err");
+  std::string err(std::istreambuf_iterator<char>(in), {});
+  ASSERT_TRUE(WIFEXITED(rc)) << err;
+  EXPECT_EQ(WEXITSTATUS(rc), 130) << err;
+  EXPECT_NE(err.find("interrupted at step"), std::string::npos) << err;
+  const fs::path ck = train::Trainer::find_checkpoint(out.string());
+  EXPECT_TRUE(fs::exists(ck / "adapter" / "adapter_model.safetensors"));
+  std::string err2;
+  EXPECT_EQ(run_cli(args + " --resume " + out.string() + " --stop-after 1", err2), 0) << err2;
+  EXPECT_NE(err2.find("resumed at step"), std::string::npos) << err2;
   fs::remove_all(out);
   fs::remove_all(model);
 }
