@@ -284,7 +284,7 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
   const fs::path model = tiny_model_dir(), out = fs::temp_directory_path() / "tq_train_cli_e2e";
   fs::remove_all(out);
   const std::string common = "train --model " + model.string() + " --data " + kData +
-                             " --max-steps 4 --batch-size 2 --grad-accum 2 --save-every 2 --lr 1e-2 --out ";
+                             " --max-steps 4 --batch-size 2 --grad-accum 2 --save-every 2 --lr 1e-2 --val-size 0.25 --eval-every 2 --out ";
   std::string err;
   ASSERT_EQ(run_cli(common + (out / "full").string(), err), 0) << err;
   for (const char* f : {"config.json", "log.jsonl", "log.csv", "adapter/adapter_model.safetensors",
@@ -293,6 +293,15 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
   EXPECT_FALSE(fs::exists(out / "full" / "checkpoint-2"));  // superseded
   std::vector<std::string> ref = log_losses(out / "full" / "log.jsonl");
   ASSERT_EQ(ref.size(), 4u);
+  {
+    std::ifstream in(out / "full" / "log.jsonl");
+    std::vector<double> eval;
+    for (std::string line; std::getline(in, line);)
+      if (auto j = nlohmann::json::parse(line); j.contains("eval_loss")) eval.push_back(j["eval_loss"].get<double>());
+    ASSERT_EQ(eval.size(), 2u);  // steps 2 and 4
+    EXPECT_GT(eval[0], 0);
+    EXPECT_NE(eval[0], eval[1]);
+  }
   auto cfg = nlohmann::json::parse(std::ifstream(out / "full" / "config.json"));
   EXPECT_EQ(cfg["lora-plus-ratio"], "16");
   EXPECT_EQ(cfg["quant"], "nf4");
