@@ -149,8 +149,16 @@ class GemmaModel : public nn::Module {
         GemmaDecoderLayer* l = layer.get();
         Tensor pos = positions;
         AttentionOptions m = mask;
-        x = checkpoint([l, pos, m](const std::vector<Tensor>& in) { return l->forward(in[0], pos, m, nullptr); },
-                       {x});
+        // Recomputation must draw the same LoRA dropout masks: rewind each adapter's offset first.
+        std::vector<std::pair<nn::LoRA<nn::LinearBase>*, uint64_t>> rng;
+        for (auto& [name, mod] : l->named_modules())
+          if (auto* lo = dynamic_cast<nn::LoRA<nn::LinearBase>*>(mod)) rng.push_back({lo, lo->dropout_offset});
+        x = checkpoint(
+            [l, pos, m, rng](const std::vector<Tensor>& in) {
+              for (auto& [lo, off] : rng) lo->dropout_offset = off;
+              return l->forward(in[0], pos, m, nullptr);
+            },
+            {x});
       } else {
         x = layer->forward(x, positions, mask, cache);
       }

@@ -115,8 +115,9 @@ class Loader {
   }
   ~Loader() { stop(); }
 
-  // Starts (or restarts) epoch `epoch`: a fresh order, fresh workers.
-  void begin_epoch(uint64_t epoch) {
+  // Starts (or restarts) epoch `epoch`: a fresh order, fresh workers; `first_batch` > 0 skips
+  // the epoch's first batches without decoding them (resuming a training run mid-epoch).
+  void begin_epoch(uint64_t epoch, int64_t first_batch = 0) {
     stop();
     epoch_ = epoch;
     order_ = indices_;
@@ -127,8 +128,8 @@ class Loader {
     }
     const auto n = static_cast<int64_t>(order_.size()), b = static_cast<int64_t>(opt_.batch_size);
     num_batches_ = opt_.drop_last ? n / b : (n + b - 1) / b;
-    next_claim_ = 0;
-    next_out_ = 0;
+    next_claim_ = std::min(first_batch, num_batches_);
+    next_out_ = next_claim_;
     stopping_ = false;
     ready_.clear();
     for (int w = 0; w < opt_.workers; ++w) threads_.emplace_back([this] { work(); });

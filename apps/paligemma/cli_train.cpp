@@ -1,0 +1,166 @@
+// `paligemma train --model DIR --data PATH --out DIR [--config FILE.json] [flags]`: QLoRA fine-tuning
+// with the reference recipe as defaults (spec/qlora.md §0). Outputs in --out: config.json (resolved
+// flags), log.jsonl + log.csv (every --log-every steps), checkpoint-<step>/ (every --save-every
+// steps and on Ctrl-C), adapter/ (PEFT format, at the end). Exit 130 after an interrupt (checkpoint saved).
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "paligemma/cli_model_common.hpp"
+#include "paligemma/processor.hpp"
+#include "paligemma/train.hpp"
+#include "risc/dataset.hpp"
+#include "risc/split.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainArgs {
+  std::string model, data, out, device = "cpu", dtype = "bf16", quant = "nf4", caption_strategy = "random",
+                                  prompt = "caption en", resume;
+  tq::paligemma::train::TrainOptions o;
+  bool no_rslora = false, hf_compat = false;
+  int64_t stop_after = 0;
+  double test_size = 0.10, val_size = 0.05;
+};
+
+std::string fmt_time(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  char b[32];
+  std::snprintf(b, sizeof b, "%d:%02d:%02d", int(s / 3600), int(s / 60) % 60, int(s) % 60);
+  return b;
+}
+
+void add_flags(CLI::App& app, TrainArgs& a) {
+  auto& o = a.o;
+  app.add_option("--model", a.model, "Hugging Face PaliGemma directory (weights + tokenizer)")->required();
+  app.add_option("--data", a.data, "RISC data: HF dataset dir, parquet, folder or Karpathy JSON")->required();
+  app.add_option("--out", a.out, "Output directory")->required();
+  app.add_option("--device", a.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--dtype", a.dtype, "Compute dtype: bf16 or f32")->capture_default_str()->check(CLI::IsMember({"f32", "bf16"}));
+  app.add_option("--quant", a.quant, "Base weights: nf4 (QLoRA) or none")->capture_default_str()->check(CLI::IsMember({"none", "nf4"}));
+  app.add_flag("--hf-compat", a.hf_compat, "transformers 5.x numerics (no final logit softcap)");
+  app.add_option("--lora-r", o.lora_r, "LoRA rank")->capture_default_str();
+  app.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha")->capture_default_str();
+  app.add_option("--lora-dropout", o.lora_dropout, "LoRA dropout")->capture_default_str();
+  app.add_option("--target-modules", o.target_modules, "LoRA target module names")->capture_default_str();
+  app.add_flag("--no-rslora", a.no_rslora, "scaling alpha/r instead of alpha/sqrt(r)");
+  app.add_flag("--dora", o.dora, "DoRA adapters");
+  app.add_option("--lr", o.lr, "learning rate (lora_A and others)")->capture_default_str();
+  app.add_option("--lora-plus-ratio", o.lora_plus_ratio, "lora_B lr = lr x ratio")->capture_default_str();
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->capture_default_str();
+  app.add_option("--warmup-ratio", o.warmup_ratio, "warmup steps = ceil(N x ratio)")->capture_default_str();
+  app.add_option("--max-grad-norm", o.max_grad_norm, "gradient clipping (0: off)")->capture_default_str();
+  app.add_option("--batch-size", o.batch_size, "micro-batch size")->capture_default_str();
+  app.add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
+  app.add_option("--epochs", o.epochs, "epochs")->capture_default_str();
+  app.add_option("--max-steps", o.max_steps, "optimizer steps (> 0 overrides --epochs)")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed: split, data order, captions, LoRA init, dropout")->capture_default_str();
+  app.add_option("--test-size", a.test_size, "split: test fraction")->capture_default_str();
+  app.add_option("--val-size", a.val_size, "split: validation fraction")->capture_default_str();
+  app.add_option("--caption-strategy", a.caption_strategy, "random, first, longest or concat")->capture_default_str();
+  app.add_option("--prompt", a.prompt, "prompt prefix")->capture_default_str();
+  app.add_flag("--grad-checkpointing", o.grad_checkpointing, "recompute decoder layers in backward");
+  app.add_option("--log-every", o.log_every, "log every N steps")->capture_default_str();
+  app.add_option("--save-every", o.save_every, "checkpoint every N steps (0: only on Ctrl-C)")->capture_default_str();
+  app.add_option("--eval-every", o.eval_every, "validation loss every N steps (0: never)")->capture_default_str();
+  app.add_option("--eval-batches", o.eval_batches, "validation batches per eval (0: all)")->capture_default_str();
+  app.add_option("--stop-after", a.stop_after, "stop after N steps of this run, with a checkpoint (time-boxed jobs)")
+      ->capture_default_str();
+  app.add_option("--resume", a.resume, "continue from a checkpoint directory (or an --out holding one)");
+  app.add_option("--fail-after-bytes", o.fail_after_bytes, "testing: a checkpoint write fails after N bytes")
+      ->capture_default_str();
+}
+
+int run_train(const CLI::App& app, TrainArgs& a) {
+  using namespace tq;
+  using namespace tq::paligemma;
+  TQ_CHECK(a.device == "cpu", "--device ", a.device,
+           ": training runs on the CPU only until the CUDA model kernels land; use --device cpu");
+  TQ_CHECK(fs::is_directory(a.model), "--model ", a.model, ": not a directory");
+  TQ_CHECK(fs::exists(a.data), "--data ", a.data, ": no such file or directory");
+  a.o.rslora = !a.no_rslora;
+  a.o.out = a.out;
+  fs::create_directories(a.out);
+  tq::cli::write_resolved_config(app, (fs::path(a.out) / "config.json").string());
+
+  Processor proc = Processor::load(a.model);
+  LoadOptions lo;
+  lo.dtype = parse_load_dtype(a.dtype);
+  lo.quant = parse_quant(a.quant);
+  auto m = load_model(a.model, lo);
+  m->options.hf_compat = a.hf_compat;
+  auto ds = risc::open_dataset(a.data);
+  risc::Split split = risc::make_split(ds->size(), a.o.seed, a.test_size, a.val_size);
+  train::Trainer tr(*m, *ds, split.train, split.val, proc.tokenize_fn(a.prompt), a.o,
+                    risc::parse_caption_strategy(a.caption_strategy), lo.dtype);
+  if (!a.resume.empty()) tr.resume(a.resume);
+  std::fprintf(stderr, "train: %zu train / %zu val rows, %lld steps (warmup %lld), %lld trainable parameters%s\n",
+               split.train.size(), split.val.size(), (long long)tr.total_steps(), (long long)tr.warmup_steps(),
+               (long long)tr.trainable_parameters(), a.resume.empty() ? "" : str_cat(", resumed at step ", tr.step()).c_str());
+
+  const bool tty = isatty(fileno(stderr));
+  std::ofstream jsonl(fs::path(a.out) / "log.jsonl", std::ios::app);
+  const fs::path csv_path = fs::path(a.out) / "log.csv";
+  const bool csv_new = !fs::exists(csv_path) || fs::file_size(csv_path) == 0;
+  std::ofstream csv(csv_path, std::ios::app);
+  if (csv_new) csv << "step,loss,learning_rate,grad_norm,samples_per_s,elapsed_s,eval_loss\n";
+  const int64_t start = tr.step();
+  tr.on_step = [&](const train::StepLog& l) {
+    if (!tty) return;
+    const double per = l.elapsed_s / double(std::max<int64_t>(1, l.step - start));
+    std::fprintf(stderr, "\r[%lld/%lld] loss %.4f lr %.3g grad-norm %.3g %.2f samples/s ETA %s   ",
+                 (long long)l.step, (long long)tr.total_steps(), l.loss, l.lr, l.grad_norm, l.samples_per_s,
+                 fmt_time(per * double(tr.total_steps() - l.step)).c_str());
+  };
+  tr.on_log = [&](const train::StepLog& l) {
+    nlohmann::json j = {{"step", l.step}, {"loss", l.loss}, {"learning_rate", l.lr}, {"grad_norm", l.grad_norm},
+                        {"samples_per_s", l.samples_per_s}, {"elapsed_s", l.elapsed_s}};
+    if (l.eval_loss) j["eval_loss"] = *l.eval_loss;
+    jsonl << j.dump() << "\n" << std::flush;
+    csv << l.step << "," << l.loss << "," << l.lr << "," << l.grad_norm << "," << l.samples_per_s << ","
+        << l.elapsed_s << "," << (l.eval_loss ? std::to_string(*l.eval_loss) : "") << "\n" << std::flush;
+    if (!tty) {
+      const double per = l.elapsed_s / double(std::max<int64_t>(1, l.step - start));
+      std::fprintf(stderr, "step %lld/%lld loss %.4g lr %.4g grad_norm %.4g samples/s %.3g ETA %s%s\n",
+                   (long long)l.step, (long long)tr.total_steps(), l.loss, l.lr, l.grad_norm, l.samples_per_s,
+                   fmt_time(per * double(tr.total_steps() - l.step)).c_str(),
+                   l.eval_loss ? str_cat(" eval_loss ", *l.eval_loss).c_str() : "");
+    }
+  };
+  train::interrupt_flag() = false;
+  auto prev = std::signal(SIGINT, [](int) { train::interrupt_flag() = true; });
+  train::TrainResult r = tr.run(a.stop_after);
+  std::signal(SIGINT, prev);
+  if (tty) std::fprintf(stderr, "\n");
+  if (r.interrupted) {
+    std::fprintf(stderr, "train: interrupted at step %lld; checkpoint %s (continue with --resume %s)\n",
+                 (long long)r.steps_done, r.last_checkpoint.c_str(), a.out.c_str());
+    return 130;
+  }
+  if (r.steps_done < r.total_steps) {
+    const std::string ck = r.last_checkpoint.empty() || r.last_checkpoint.find(str_cat("-", r.steps_done)) == std::string::npos
+                               ? tr.save_checkpoint(a.out) : r.last_checkpoint;
+    std::fprintf(stderr, "train: stopped at step %lld of %lld (--stop-after); checkpoint %s\n", (long long)r.steps_done,
+                 (long long)r.total_steps, ck.c_str());
+    return 0;
+  }
+  const std::string adapter = (fs::path(a.out) / "adapter").string();
+  tr.save_adapter(adapter);
+  std::fprintf(stderr, "train: done, %lld steps; adapter %s\n", (long long)r.steps_done, adapter.c_str());
+  return 0;
+}
+
+const tq::cli::Register reg_train(
+    "train", "QLoRA fine-tune PaliGemma on RISC captions (the reference recipe by default)",
+    [](CLI::App& app) -> std::function<int()> {
+      auto a = std::make_shared<TrainArgs>();
+      add_flags(app, *a);
+      return [a, &app] { return run_train(app, *a); };
+    });
+
+}  // namespace
