@@ -317,8 +317,9 @@ inline bool write_qualitative_figure(const fs::path& path, const risc::Dataset& 
     body.draw_wrapped(c, p.refs[0], x, y, col_w, {0, 0, 0});
     for (size_t k = 0; k < runs.size(); ++k) {
       auto it = runs[k].predictions.find(p.index);
-      body.draw_wrapped(c, it == runs[k].predictions.end() ? "(no prediction)" : it->second, x += col_w + pad, y,
-                        col_w, run_colors[std::min<size_t>(k, 2)]);
+      std::string text = it == runs[k].predictions.end() ? "(no prediction)" : it->second;
+      if (text.find_first_not_of(" \t\r\n") == std::string::npos) text = "(empty)";
+      body.draw_wrapped(c, text, x += col_w + pad, y, col_w, run_colors[std::min<size_t>(k, 2)]);
     }
     y += heights[size_t(i)];
     c.fill_rect(pad, y - pad / 2, width - 2 * pad, 1, {210, 210, 210});
