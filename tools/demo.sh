@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/runs/demo}
 JOBS=${JOBS:-$(nproc)}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-150}
 MODEL=$ROOT/data/sample/model
 DATA=$ROOT/data/sample/risc
 start=$(date +%s)
@@ -54,7 +54,7 @@ say "zero-shot eval"
 
 say "fine-tune ($STEPS steps)"
 "$PG" train --model "$MODEL" --data "$DATA" --out "$OUT/train" --device "$DEVICE" --dtype f32 --quant none \
-  --max-steps "$STEPS" --batch-size 8 --grad-accum 1 --lr 3e-3 --lora-plus-ratio 4 --warmup-ratio 0.05 \
+  --max-steps "$STEPS" --batch-size 8 --grad-accum 1 --lr 1e-2 --lora-plus-ratio 4 --warmup-ratio 0.05 \
   --caption-strategy random --log-every 10 --save-every 0
 
 say "fine-tuned eval"
