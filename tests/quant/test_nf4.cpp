@@ -11,7 +11,7 @@ namespace {
 
 using test::same_bits;
 
-DType dtype_of_fixture(const test::SafetensorsFile& f) {
+DType dtype_of_fixture(const test::FixtureFile& f) {
   auto d = nf4::dtype_from_torch_name(f.metadata.at("dtype"));
   TQ_CHECK(d.has_value(), "bad fixture dtype");
   return *d;
