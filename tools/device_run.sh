@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command recipe for the lent GPU machine (see /work/.library/device/README.md): configure and
+# One-command recipe for the lent GPU machine (the device tool of this workplace): configure and
 # build the CUDA configuration for the H200 (sm_90a), run the GPU tests, run the memory-bound
 # kernel benchmarks, copy the logs to $OUT and print a short table last.
 #
