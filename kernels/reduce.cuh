@@ -182,14 +182,8 @@ inline Tensor reduce(ops::ReduceKind kind, const Tensor& x_in, const std::vector
     Tensor r = reduce(kind, x.to(DType::f64), dims, keepdim);
     return kind == ops::ReduceKind::argmax ? r : r.to(x.dtype());
   }
-  std::vector<int64_t> perm;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (std::find(dims.begin(), dims.end(), d) == dims.end()) perm.push_back(d);
   int64_t inner = 1;
-  for (int64_t d : dims) {
-    perm.push_back(d);
-    inner *= x.shape()[d];
-  }
+  const std::vector<int64_t> perm = ops::reduced_dims_last(x.shape(), dims, inner);
   const Shape out_shape = ops::reduced_shape(x.shape(), dims, keepdim);
   const int64_t outer = numel_of(out_shape);
   Tensor out = Tensor::empty(out_shape, kind == ops::ReduceKind::argmax ? DType::i64 : x.dtype(), x.device());

@@ -1,5 +1,6 @@
 // patch_embed (conv2d, stride = kernel) against a direct float64 convolution written here.
 #include "../test_util.hpp"
+#include "op_test_util.hpp"
 #include <tq/ops/conv.hpp>
 
 #include <random>
@@ -45,10 +46,7 @@ Case random_case(int64_t max_b = 2, int64_t max_c = 3, int64_t max_p = 4) {
   return {{B, C, H, W}, {O, C, P, P}};
 }
 
-Tensor fake_cuda(const Shape& s, DType dt) {
-  auto buf = std::make_shared<std::vector<char>>(size_t(numel_of(s)) * dtype_size(dt));
-  return Tensor::from_blob(buf->data(), s, dt, Device::cuda(), buf);
-}
+using tq::test::fake_cuda;
 
 }  // namespace
 

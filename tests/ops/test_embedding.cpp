@@ -1,5 +1,6 @@
 // embedding lookup and its scatter-add backward against float64 references written here.
 #include "../test_util.hpp"
+#include "op_test_util.hpp"
 #include <tq/ops/embedding.hpp>
 
 #include <random>
@@ -20,10 +21,7 @@ Tensor random_ids(const Shape& s, int64_t V, DType dt = DType::i64) {
   return Tensor::from_vector(v, s).to(dt);
 }
 
-Tensor fake_cuda(const Shape& s, DType dt) {
-  auto buf = std::make_shared<std::vector<char>>(size_t(numel_of(s)) * dtype_size(dt));
-  return Tensor::from_blob(buf->data(), s, dt, Device::cuda(), buf);
-}
+using tq::test::fake_cuda;
 
 }  // namespace
 

@@ -1,5 +1,6 @@
 // layer_norm / rms_norm against float64 references written here, gradcheck, bf16, errors.
 #include "../test_util.hpp"
+#include "op_test_util.hpp"
 #include <tq/ops/norm.hpp>
 
 using namespace tq;
@@ -35,10 +36,7 @@ std::vector<double> ref_norm(const std::vector<double>& x, int64_t D, const std:
 
 std::vector<double> values(const Tensor& t) { return t.defined() ? t.to_vector() : std::vector<double>{}; }
 
-Tensor fake_cuda(const Shape& s, DType dt) {
-  auto buf = std::make_shared<std::vector<char>>(size_t(numel_of(s)) * dtype_size(dt));
-  return Tensor::from_blob(buf->data(), s, dt, Device::cuda(), buf);
-}
+using tq::test::fake_cuda;
 
 }  // namespace
 

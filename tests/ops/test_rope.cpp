@@ -1,6 +1,7 @@
 // RoPE (HF rotate_half, explicit position ids) against float64 references written here,
 // gradcheck, bf16 bit-exactness with HF's bf16 arithmetic, errors.
 #include "../test_util.hpp"
+#include "op_test_util.hpp"
 #include <tq/ops/rope.hpp>
 
 #include <random>
@@ -50,10 +51,7 @@ std::vector<double> ref_rope(const std::vector<double>& x, const Shape& s, const
 
 auto exact_trig = [](float a) { return std::pair<double, double>{std::cos(double(a)), std::sin(double(a))}; };
 
-Tensor fake_cuda(const Shape& s, DType dt) {
-  auto buf = std::make_shared<std::vector<char>>(size_t(numel_of(s)) * dtype_size(dt));
-  return Tensor::from_blob(buf->data(), s, dt, Device::cuda(), buf);
-}
+using tq::test::fake_cuda;
 
 }  // namespace
 

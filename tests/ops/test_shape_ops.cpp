@@ -1,5 +1,6 @@
 // concat, stack, index_select, masked_scatter against float64 references written here.
 #include "../test_util.hpp"
+#include "op_test_util.hpp"
 #include <tq/ops/shape_ops.hpp>
 
 #include <random>
@@ -61,10 +62,7 @@ Tensor random_mask(const Shape& s, double p_true = 0.5) {
   return Tensor::from_vector(v, s);
 }
 
-Tensor fake_cuda(const Shape& s, DType dt) {
-  auto buf = std::make_shared<std::vector<char>>(size_t(numel_of(s)) * dtype_size(dt));
-  return Tensor::from_blob(buf->data(), s, dt, Device::cuda(), buf);
-}
+using tq::test::fake_cuda;
 
 }  // namespace
 

@@ -35,6 +35,20 @@ inline Shape reduced_shape(const Shape& s, const std::vector<int64_t>& dims, boo
 
 enum class ReduceKind { sum, max, argmax };
 
+// The permutation that moves the reduced `dims` (sorted, unique) last, so each output element
+// reduces one contiguous row; `inner` receives that row's length. Shared by the CPU and CUDA paths.
+inline std::vector<int64_t> reduced_dims_last(const Shape& shape, const std::vector<int64_t>& dims, int64_t& inner) {
+  std::vector<int64_t> perm;
+  for (int64_t d = 0; d < int64_t(shape.size()); ++d)
+    if (std::find(dims.begin(), dims.end(), d) == dims.end()) perm.push_back(d);
+  inner = 1;
+  for (int64_t d : dims) {
+    perm.push_back(d);
+    inner *= shape[size_t(d)];
+  }
+  return perm;
+}
+
 // CUDA entry point, filled in by <tq/cuda.hpp>; `dims` arrive normalized (reduce_dims).
 struct ReduceCudaKernels {
   Tensor (*reduce)(ReduceKind, const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) = nullptr;
@@ -54,14 +68,8 @@ inline Tensor reduce(ReduceKind kind, const Tensor& x, const std::vector<int64_t
     return call_cuda(cuda_reduce_kernels().reduce, op, kind, x, dims, keepdim);
   }
   require_cpu(op, x);
-  std::vector<int64_t> perm;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (std::find(dims.begin(), dims.end(), d) == dims.end()) perm.push_back(d);
   int64_t inner = 1;
-  for (int64_t d : dims) {
-    perm.push_back(d);
-    inner *= x.shape()[d];
-  }
+  const std::vector<int64_t> perm = reduced_dims_last(x.shape(), dims, inner);
   const DType ct = DType::f64;  // reference accumulation in double for every dtype
   Tensor xc = dense(x.detach().permute(perm), ct);
   const Shape out_shape = reduced_shape(x.shape(), dims, keepdim);
