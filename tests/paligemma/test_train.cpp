@@ -1,3 +1,4 @@
+#include <unistd.h>
 // Training: one step's loss and adapter gradients against peft + transformers (fp32, dropout 0) for
 // LoRA, rsLoRA and DoRA on the tiny PaliGemma fixtures, in-process and through `paligemma grads`;
 // bitwise resume; clear errors (bad data, missing model files, a full disk while checkpointing);
@@ -16,6 +17,16 @@
 #include "risc/dataset.hpp"
 
 namespace {
+
+// ctest runs each test in its own process, two at a time: scratch paths must not collide.
+inline std::filesystem::path scratch_dir() {
+  static const std::filesystem::path d = [] {
+    auto p = std::filesystem::temp_directory_path() / ("tq_train_" + std::to_string(::getpid()));
+    std::filesystem::create_directories(p);
+    return p;
+  }();
+  return d;
+}
 
 namespace fs = std::filesystem;
 using namespace tq;
@@ -100,7 +111,7 @@ TEST_P(TrainGrads, OneStepMatchesPeft) {
 TEST_P(TrainGrads, GradsCliMatchesPeft) {
   const auto& [kind, variant] = GetParam();
   const fs::path dir = kFix / kind / variant;
-  const fs::path out = fs::temp_directory_path() / ("tq_grads_" + kind + variant + ".safetensors");
+  const fs::path out = scratch_dir() / ("tq_grads_" + kind + variant + ".safetensors");
   const std::string cmd = std::string(TQ_BIN_DIR) + "/paligemma grads --hf-compat --model " +
                           (fs::path(TQ_FIXTURES) / "paligemma" / kind / "native").string() + " --adapter " +
                           (dir / "adapter").string() + " --batch " + (kFix / kind / "batch.safetensors").string() +
@@ -161,7 +172,7 @@ struct TinyRun {
 };
 
 TEST(TrainResume, BitIdenticalLosses) {
-  const fs::path out = fs::temp_directory_path() / "tq_train_resume";
+  const fs::path out = scratch_dir() / "tq_train_resume";
   fs::remove_all(out);
   fs::create_directories(out);
   TinyRun full(tiny_options(out / "full"));
@@ -188,7 +199,7 @@ TEST(TrainResume, BitIdenticalLosses) {
 
 // Gradient checkpointing recomputes decoder layers with the same dropout masks: same losses.
 TEST(TrainResume, GradCheckpointingSameLosses) {
-  const fs::path out = fs::temp_directory_path() / "tq_train_gc";
+  const fs::path out = scratch_dir() / "tq_train_gc";
   train::TrainOptions o = tiny_options(out);
   o.max_steps = 3;
   TinyRun plain(o);
@@ -201,7 +212,7 @@ TEST(TrainResume, GradCheckpointingSameLosses) {
 }
 
 TEST(TrainCheckpoint, FullDiskKeepsPreviousCheckpoint) {
-  const fs::path out = fs::temp_directory_path() / "tq_train_fulldisk";
+  const fs::path out = scratch_dir() / "tq_train_fulldisk";
   fs::remove_all(out);
   fs::create_directories(out);
   {
@@ -234,7 +245,7 @@ TEST(TrainCheckpoint, FullDiskKeepsPreviousCheckpoint) {
 }
 
 int run_cli(const std::string& args, std::string& err) {
-  const fs::path log = fs::temp_directory_path() / "tq_train_cli.err";
+  const fs::path log = scratch_dir() / "tq_train_cli.err";
   const int rc = std::system((std::string(TQ_BIN_DIR) + "/paligemma " + args + " 2> " + log.string()).c_str());
   std::ifstream in(log);
   err.assign(std::istreambuf_iterator<char>(in), {});
@@ -243,7 +254,7 @@ int run_cli(const std::string& args, std::string& err) {
 
 TEST(TrainCli, BadDataAndMissingModelFilesFailClearly) {
   const std::string model = (fs::path(TQ_FIXTURES) / "paligemma_proc" / "model").string();
-  const fs::path out = fs::temp_directory_path() / "tq_train_cli_out";
+  const fs::path out = scratch_dir() / "tq_train_cli_out";
   std::string err;
   EXPECT_NE(run_cli("train --model " + model + " --data /nonexistent/risc.parquet --out " + out.string(), err), 0);
   EXPECT_NE(err.find("--data /nonexistent/risc.parquet"), std::string::npos) << err;
@@ -258,7 +269,7 @@ TEST(TrainCli, BadDataAndMissingModelFilesFailClearly) {
 
 // A tiny model that fits the processor fixture's tokenizer: its config + random weights.
 fs::path tiny_model_dir() {
-  const fs::path dir = fs::temp_directory_path() / "tq_train_tiny_model";
+  const fs::path dir = scratch_dir() / "tq_train_tiny_model";
   fs::remove_all(dir);
   fs::create_directories(dir);
   for (const auto& e : fs::directory_iterator(fs::path(TQ_FIXTURES) / "paligemma_proc" / "model"))
@@ -281,7 +292,7 @@ std::vector<std::string> log_losses(const fs::path& jsonl) {
 // The CLI end to end with the recipe's defaults (NF4 base, bf16, rsLoRA, LoRA+): outputs, logs,
 // checkpoints, and a --stop-after / --resume pair that reproduces the uninterrupted run's losses.
 TEST(TrainCli, RecipeEndToEndAndResume) {
-  const fs::path model = tiny_model_dir(), out = fs::temp_directory_path() / "tq_train_cli_e2e";
+  const fs::path model = tiny_model_dir(), out = scratch_dir() / "tq_train_cli_e2e";
   fs::remove_all(out);
   const std::string common = "train --model " + model.string() + " --data " + kData +
                              " --max-steps 4 --batch-size 2 --grad-accum 2 --save-every 2 --lr 1e-2 --val-size 0.25 --eval-every 2 --out ";
@@ -316,14 +327,14 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
 
 // Ctrl-C: the step in progress finishes, a checkpoint is written, exit status 130; it resumes.
 TEST(TrainCli, InterruptSavesCheckpoint) {
-  const fs::path model = tiny_model_dir(), out = fs::temp_directory_path() / "tq_train_cli_sigint";
+  const fs::path model = tiny_model_dir(), out = scratch_dir() / "tq_train_cli_sigint";
   fs::remove_all(out);
   const std::string args = "train --model " + model.string() + " --data " + kData +
                            " --max-steps 100000 --batch-size 2 --grad-accum 1 --out " + out.string();
   const std::string cmd = "timeout --preserve-status -s INT 3 " + std::string(TQ_BIN_DIR) + "/paligemma " + args +
-                          " 2> " + (fs::temp_directory_path() / "tq_train_sigint.err").string();
+                          " 2> " + (scratch_dir() / "tq_train_sigint.err").string();
   const int rc = std::system(cmd.c_str());
-  std::ifstream in(fs::temp_directory_path() / "tq_train_sigint.err");
+  std::ifstream in(scratch_dir() / "tq_train_sigint.err");
   std::string err(std::istreambuf_iterator<char>(in), {});
   ASSERT_TRUE(WIFEXITED(rc)) << err;
   EXPECT_EQ(WEXITSTATUS(rc), 130) << err;
@@ -354,7 +365,7 @@ TEST(TrainCount, PaliGemma3bRecipeTrainableParameters) {
   EXPECT_EQ(train::lora_trainable_count(c, l), 22597632);
   // The count formula agrees with the adapters apply_lora actually builds (tiny model, DoRA too).
   for (bool dora : {false, true}) {
-    train::TrainOptions o = tiny_options(fs::temp_directory_path() / "tq_train_count");
+    train::TrainOptions o = tiny_options(scratch_dir() / "tq_train_count");
     o.dora = dora;
     TinyRun r(o);
     l.dora = dora;
