@@ -33,6 +33,19 @@
 #include "kernels/elementwise.cuh"
 #include "kernels/reduce.cuh"
 #include "kernels/random.cuh"
+#include "kernels/norm.cuh"
+#include "kernels/rope.cuh"
+#include "kernels/softmax.cuh"
+#include "kernels/index.cuh"
+#include "kernels/patch_embed.cuh"
+#include "kernels/dropout.cuh"
+#include "kernels/cross_entropy.cuh"
+#include "kernels/geglu.cuh"
+#include "kernels/attention/attention.cuh"
+#include "kernels/matmul.cuh"
+#include "kernels/linear_cross_entropy.cuh"
+#include "kernels/nf4.cuh"
+#include "kernels/adamw.cuh"
 
 namespace tq::cuda {
 
@@ -47,6 +60,19 @@ inline bool register_cuda_backend() {
   ew.unary_backward = &cuda::unary_backward;
   ops::cuda_reduce_kernels().reduce = &cuda::reduce;
   cuda_random_kernels().fill = &random_fill;
+  register_norm_kernels();
+  register_rope_kernels();
+  register_softmax_kernels();
+  register_index_kernels();
+  register_patch_embed_kernels();
+  register_dropout_kernels();
+  register_cross_entropy_kernels();
+  register_geglu_kernels();
+  register_attention_kernels();
+  register_matmul_kernels();
+  register_linear_cross_entropy_kernels();
+  register_nf4_kernels();
+  register_adamw_kernels();
   return true;
 }
 
