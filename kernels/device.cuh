@@ -246,6 +246,9 @@ class CudaBackend final : public DeviceBackend {
     return {c.current.load(), c.peak.load()};
   }
 
+  int device_count() override { return tq::cuda::device_count(); }
+  void reset_peak_memory(Device d) override { reset_peak(d); }
+
   void reset_peak(Device d) {
     Counters& c = counters_[size_t(d.index)];
     c.peak.store(c.current.load());

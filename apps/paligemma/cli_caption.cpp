@@ -31,10 +31,8 @@ const tq::cli::Register reg_caption(
       app.add_option("images", a->images, "Image files (JPEG, PNG, BMP)")->required();
       return [a] {
         using namespace tq::paligemma;
-        cli::ModelArgs ma;
-        ma.device = a->device;
-        cli::check_device(ma);
         LoadOptions lo;
+        lo.device = parse_device(a->device);
         lo.dtype = parse_load_dtype(a->dtype);
         lo.quant = parse_quant(a->quant);
         std::vector<std::string> bytes;

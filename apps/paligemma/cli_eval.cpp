@@ -49,9 +49,7 @@ const tq::cli::Register reg_eval(
       app.add_flag("--no-progress", a->no_progress, "No progress output");
       return [a, &app] {
         using namespace tq::paligemma;
-        cli::ModelArgs ma;
-        ma.device = a->device;
-        cli::check_device(ma);
+        a->o.load.device = parse_device(a->device);
         a->o.load.dtype = parse_load_dtype(a->dtype);
         a->o.load.quant = parse_quant(a->quant);
         a->o.progress = !a->no_progress;

@@ -28,16 +28,11 @@ inline void add_model_flags(CLI::App& app, ModelArgs& a) {
                "Reproduce transformers 5.x exactly: no final logit softcap; causal mask without token_type_ids");
 }
 
-inline void check_device(const ModelArgs& a) {
-  TQ_CHECK(a.device == "cpu", "--device ", a.device,
-           ": the PaliGemma model runs on the CPU only until the CUDA kernels land; use --device cpu");
-}
-
 inline std::unique_ptr<PaliGemmaForConditionalGeneration> load_cli_model(const ModelArgs& a) {
-  check_device(a);
   LoadOptions o;
   o.dtype = parse_load_dtype(a.dtype);
   o.quant = parse_quant(a.quant);
+  o.device = parse_device(a.device);
   auto m = load_model(a.model, o);
   m->options.hf_compat = a.hf_compat;
   return m;

@@ -79,8 +79,6 @@ void add_flags(CLI::App& app, TrainArgs& a) {
 int run_train(const CLI::App& app, TrainArgs& a) {
   using namespace tq;
   using namespace tq::paligemma;
-  TQ_CHECK(a.device == "cpu", "--device ", a.device,
-           ": training runs on the CPU only until the CUDA model kernels land; use --device cpu");
   TQ_CHECK(fs::is_directory(a.model), "--model ", a.model, ": not a directory");
   TQ_CHECK(fs::exists(a.data), "--data ", a.data, ": no such file or directory");
   a.o.rslora = !a.no_rslora;
@@ -92,6 +90,7 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   LoadOptions lo;
   lo.dtype = parse_load_dtype(a.dtype);
   lo.quant = parse_quant(a.quant);
+  lo.device = parse_device(a.device);
   auto m = load_model(a.model, lo);
   m->options.hf_compat = a.hf_compat;
   auto ds = risc::open_dataset(a.data);

@@ -24,17 +24,9 @@ struct GenerateOptions {
 
 namespace generate_detail {
 
-inline std::vector<int64_t> argmax_rows(const Tensor& logits) {  // (B, V) f32 → first max per row
-  const int64_t B = logits.size(0), V = logits.size(1);
-  std::vector<float> v = logits.contiguous().to_vector<float>();
-  std::vector<int64_t> out(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t best = 0;
-    for (int64_t j = 1; j < V; ++j)
-      if (v[size_t(b * V + j)] > v[size_t(b * V + best)]) best = j;
-    out[size_t(b)] = best;
-  }
-  return out;
+// (B, V) f32 logits on any device → the first maximal index per row (read back: B integers).
+inline std::vector<int64_t> argmax_rows(const Tensor& logits) {
+  return ops::reduce(ops::ReduceKind::argmax, logits, {1}, false, "argmax").to_vector<int64_t>();
 }
 
 }  // namespace generate_detail
@@ -101,7 +93,7 @@ inline std::vector<std::vector<int64_t>> greedy_generate(PaliGemmaForConditional
     for (auto& x : step_pos) x += 1;
     AttentionOptions smask;
     smask.mask = AttentionMask::causal;
-    smask.key_padding = Tensor::from_vector(mask, {B, Tk});
+    smask.key_padding = m.on_device(Tensor::from_vector(mask, {B, Tk}));
     Tensor hs = m.hidden_states(Tensor::from_vector(next, {B, 1}), Tensor(), Tensor::from_vector(step_pos, {B, 1}),
                                 smask, &cache);
     last = hs.select(1, 0);

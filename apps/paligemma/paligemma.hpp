@@ -72,10 +72,14 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
     register_module("model", model.get());
   }
   const TextConfig& text() const { return config.text_config; }
+  // Where the parameters live; inputs given on another device (the CLI's CPU batches, index
+  // lists built on the host) are moved here at the model's entry points.
+  Device device() const { return model->language_model.embed_tokens.device(); }
+  Tensor on_device(const Tensor& t) const { return t.defined() ? t.to(device()) : t; }
 
   // pixel_values (B_img, C, H, W) → scaled image features (B_img, N, D_text) in the model dtype.
   Tensor image_features(const Tensor& pixel_values) {
-    Tensor z = model->vision_tower.forward(pixel_values);
+    Tensor z = model->vision_tower.forward(on_device(pixel_values));
     Tensor f = model->multi_modal_projector.forward(z);
     // HF divides by a Python float: fp32 math, one rounding to the activation dtype.
     return (f.to(DType::f32) / std::sqrt(double(text().hidden_size))).to(f.dtype());
@@ -92,7 +96,7 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
         if (id == config.image_token_index) id = 0;
       lookup = Tensor::from_vector(v, input_ids.shape());
     }
-    Tensor x = embedding(lookup, model->language_model.embed_tokens);
+    Tensor x = embedding(on_device(lookup), model->language_model.embed_tokens);
     if (!pixel_values.defined()) {
       TQ_CHECK(n_tokens == 0, "PaliGemma: input_ids hold ", n_tokens, " image tokens but no pixel_values were given");
       return x;
@@ -101,21 +105,21 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
     TQ_CHECK(n_tokens == f.size(0) * f.size(1), "PaliGemma: image features and image tokens do not match: ",
              n_tokens, " image tokens (id ", config.image_token_index, ") in input_ids, ", f.size(0), " images × ",
              f.size(1), " features");
-    return masked_scatter(x, is_image.unsqueeze(-1).expand(x.shape()), f.to(x.dtype()));
+    return masked_scatter(x, on_device(is_image).unsqueeze(-1).expand(x.shape()), f.to(x.dtype()));
   }
 
   // The attention mask of a full (prompt) pass, spec §6.3.
   AttentionOptions prompt_mask(const Batch& b) const {
     AttentionOptions m;
-    if (b.attention_mask.defined()) m.key_padding = b.attention_mask;
+    if (b.attention_mask.defined()) m.key_padding = on_device(b.attention_mask);
     if (b.token_type_ids.defined()) {
       m.mask = AttentionMask::prefix_lm;
-      m.token_type_ids = b.token_type_ids;
+      m.token_type_ids = on_device(b.token_type_ids);
     } else if (options.hf_compat) {
       m.mask = AttentionMask::causal;
     } else {
       m.mask = AttentionMask::prefix_lm;
-      m.token_type_ids = Tensor::zeros(b.input_ids.shape(), DType::i64);
+      m.token_type_ids = Tensor::zeros(b.input_ids.shape(), DType::i64, device());
     }
     return m;
   }
@@ -132,7 +136,7 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
   Tensor hidden_states(const Tensor& input_ids, const Tensor& pixel_values, const Tensor& positions,
                        const AttentionOptions& mask, KVCache* cache = nullptr) {
     Tensor x = embed(input_ids, pixel_values);
-    return model->language_model.forward(x, positions, mask, cache);
+    return model->language_model.forward(x, on_device(positions), mask, cache);
   }
 
   // h (..., D) → logits (..., V) in fp32: tied lm_head, then the final softcap unless hf_compat.
@@ -161,12 +165,12 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
         rows.push_back(b * T + t);
         targets.push_back(y);
       }
-    if (rows.empty()) return Tensor::zeros({}, DType::f32);  // HF: mean over nothing is NaN; 0 here
+    if (rows.empty()) return Tensor::zeros({}, DType::f32, device());  // HF: mean over nothing is NaN; 0 here
     const int64_t n = int64_t(rows.size());
-    Tensor sel = index_select(h.reshape({B * T, D}), 0, Tensor::from_vector(rows, {n}));  // (n, D)
+    Tensor sel = index_select(h.reshape({B * T, D}), 0, on_device(Tensor::from_vector(rows, {n})));  // (n, D)
     CrossEntropyOptions o;
     o.ignore_index = config.ignore_index;
-    return cross_entropy(lm_head(sel), Tensor::from_vector(targets, {n}), o);
+    return cross_entropy(lm_head(sel), on_device(Tensor::from_vector(targets, {n})), o);
   }
 
   Tensor loss(const Batch& b) {

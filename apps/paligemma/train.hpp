@@ -120,8 +120,8 @@ inline Tensor summed_loss(PaliGemmaForConditionalGeneration& m, const Batch& b, 
   TQ_CHECK(!s.rows.empty(), "train: a micro-batch has no supervised tokens");
   Tensor h = m.hidden_states(b.input_ids, b.pixel_values, m.forward_positions(B, T), m.prompt_mask(b));
   const int64_t n = int64_t(s.rows.size()), D = h.size(2);
-  Tensor sel = index_select(h.reshape({B * T, D}), 0, Tensor::from_vector(s.rows, {n}));
-  return cross_entropy_normalized(m.lm_head(sel), Tensor::from_vector(s.targets, {n}), normalizer,
+  Tensor sel = index_select(h.reshape({B * T, D}), 0, m.on_device(Tensor::from_vector(s.rows, {n})));
+  return cross_entropy_normalized(m.lm_head(sel), m.on_device(Tensor::from_vector(s.targets, {n})), normalizer,
                                   m.config.ignore_index);
 }
 

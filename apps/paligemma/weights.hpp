@@ -54,7 +54,14 @@ inline std::string canonical_key(std::string k) {
 struct LoadOptions {
   DType dtype = DType::f32;
   Quant quant = Quant::none;
+  Device device = Device::cpu();  // where the parameters live; NF4 quantizes there (bnb quantizes on the GPU)
 };
+
+inline Device parse_device(const std::string& s) {
+  Device d = Device::parse(s);
+  require_device_usable(d);
+  return d;
+}
 
 namespace weights_detail {
 
@@ -70,13 +77,14 @@ inline std::map<std::string, std::string> canonical_index(const SafetensorsDir& 
 }
 
 inline Tensor load_tensor(const SafetensorsDir& w, const std::string& dir, const std::string& key,
-                          const std::string& param, const Shape& shape, DType dtype) {
+                          const std::string& param, const Shape& shape, DType dtype, Device device) {
   const auto& info = w.info(key);
   TQ_CHECK(info.shape == shape, "checkpoint '", dir, "': tensor '", key, "' (in ", w.file_of(key), ") has shape ",
            info.shape, " but the model's ", param, " needs ", shape);
   Tensor t = w.get(key);
   TQ_CHECK(is_floating(t.dtype()), "checkpoint '", dir, "': tensor '", key, "' has dtype ", dtype_name(t.dtype()),
            ", expected a float type");
+  if (device.is_cuda()) return t.to(device).to(dtype).contiguous();  // convert on the device
   return t.to(dtype).contiguous().clone();  // clone: own the memory, never alias the file mapping
 }
 
@@ -94,7 +102,7 @@ inline void load_weights(PaliGemmaForConditionalGeneration& m, const Safetensors
     TQ_CHECK(it != idx.end(), "checkpoint '", dir, "': missing tensor for ", param, " (shape ", shape,
              "; looked for '", c, "' in any HF key layout)");
     used.insert(c);
-    return load_tensor(w, dir, it->second, param, shape, opt.dtype);
+    return load_tensor(w, dir, it->second, param, shape, opt.dtype, opt.device);
   };
   // Linear slots first: their weights may be quantized instead of stored densely.
   // Collect the slots before replacing any: a replaced layer frees the module it held.

@@ -88,6 +88,10 @@ class DeviceBackend {
   virtual void fill_zero(void* p, size_t bytes, Device d) = 0;
   virtual void synchronize(Device d) = 0;
   virtual MemoryStats memory_stats(Device d) = 0;
+  // Devices of this type that can be used now (0 when a driver or device is missing).
+  virtual int device_count() { return 1; }
+  // Starts a new peak for memory_stats(d).peak (the current use becomes the peak).
+  virtual void reset_peak_memory(Device d) {}
 };
 
 class CpuBackend final : public DeviceBackend {
@@ -137,6 +141,16 @@ inline DeviceBackend& backend(Device d) {
 }
 
 inline bool cuda_available() { return backend_slot(DeviceType::cuda) != nullptr; }
+
+// Checks that `d` can be used in this program on this machine, with one clear error otherwise.
+inline void require_device_usable(Device d) {
+  if (d.is_cpu()) return;
+  TQ_CHECK(cuda_available(), "device ", d.str(), ": this program was built without the CUDA backend "
+           "(configure with -DTQ_CUDA=ON on a machine with nvcc)");
+  const int n = backend_slot(DeviceType::cuda)->device_count();
+  TQ_CHECK(n > 0, "device ", d.str(), ": no CUDA device is visible (no GPU, or no driver)");
+  TQ_CHECK(d.index >= 0 && d.index < n, "device ", d.str(), ": only ", n, " CUDA device(s) are visible");
+}
 
 inline void synchronize(Device d) { backend(d).synchronize(d); }
 inline MemoryStats memory_stats(Device d) { return backend(d).memory_stats(d); }
