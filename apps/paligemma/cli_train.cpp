@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "paligemma/cli_model_common.hpp"
+#include "paligemma/curves.hpp"
 #include "paligemma/processor.hpp"
 #include "paligemma/train.hpp"
 #include "risc/dataset.hpp"
@@ -76,6 +77,27 @@ void add_flags(CLI::App& app, TrainArgs& a) {
       ->capture_default_str();
 }
 
+// curves.png from every line of log.jsonl (a resumed run's log continues the same file).
+void write_curves(const fs::path& out) {
+  std::ifstream in(out / "log.jsonl");
+  std::vector<double> step, loss, lr, eval_step, eval_loss;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step")) continue;
+    step.push_back(j["step"].get<double>());
+    loss.push_back(j.value("loss", NAN));
+    lr.push_back(j.value("learning_rate", NAN));
+    if (j.contains("eval_loss")) eval_step.push_back(step.back()), eval_loss.push_back(j["eval_loss"].get<double>());
+  }
+  if (step.empty()) return;
+  try {
+    tq::figures::write_training_curves(out / "curves.png", step, loss, eval_step, eval_loss, lr);
+  } catch (const std::exception& e) {  // a figure must never cost the run its adapter
+    std::fprintf(stderr, "train: curves.png not written: %s\n", e.what());
+  }
+}
+
 int run_train(const CLI::App& app, TrainArgs& a) {
   using namespace tq;
   using namespace tq::paligemma;
@@ -136,6 +158,8 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   train::TrainResult r = tr.run(a.stop_after);
   std::signal(SIGINT, prev);
   if (tty) std::fprintf(stderr, "\n");
+  jsonl.flush();
+  write_curves(a.out);
   if (r.interrupted) {
     std::fprintf(stderr, "train: interrupted at step %lld; checkpoint %s (continue with --resume %s)\n",
                  (long long)r.steps_done, r.last_checkpoint.c_str(), a.out.c_str());
@@ -150,7 +174,8 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   }
   const std::string adapter = (fs::path(a.out) / "adapter").string();
   tr.save_adapter(adapter);
-  std::fprintf(stderr, "train: done, %lld steps; adapter %s\n", (long long)r.steps_done, adapter.c_str());
+  std::fprintf(stderr, "train: done, %lld steps; adapter %s; curves %s\n", (long long)r.steps_done, adapter.c_str(),
+               (fs::path(a.out) / "curves.png").c_str());
   return 0;
 }
 

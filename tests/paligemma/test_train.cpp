@@ -300,8 +300,20 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
   std::string err;
   ASSERT_EQ(run_cli(common + (out / "full").string(), err), 0) << err;
   for (const char* f : {"config.json", "log.jsonl", "log.csv", "adapter/adapter_model.safetensors",
-                        "adapter/adapter_config.json", "checkpoint-4/state.safetensors"})
+                        "adapter/adapter_config.json", "checkpoint-4/state.safetensors", "curves.png"})
     EXPECT_TRUE(fs::exists(out / "full" / f)) << f;
+  {  // curves.png: a real PNG of the figure's size (IHDR width/height, big-endian)
+    std::ifstream png(out / "full" / "curves.png", std::ios::binary);
+    std::string head(24, '\0');
+    png.read(head.data(), 24);
+    ASSERT_EQ(head.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+    auto be32 = [&](size_t o) {
+      return (uint32_t(uint8_t(head[o])) << 24) | (uint32_t(uint8_t(head[o + 1])) << 16) |
+             (uint32_t(uint8_t(head[o + 2])) << 8) | uint32_t(uint8_t(head[o + 3]));
+    };
+    EXPECT_EQ(be32(16), 960u);
+    EXPECT_EQ(be32(20), 720u);
+  }
   EXPECT_FALSE(fs::exists(out / "full" / "checkpoint-2"));  // superseded
   std::vector<std::string> ref = log_losses(out / "full" / "log.jsonl");
   ASSERT_EQ(ref.size(), 4u);
