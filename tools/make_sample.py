@@ -3,11 +3,10 @@
 
 Writes
   data/sample/risc/data/train-0000k-of-00002.parquet
-        an HF dataset directory in RISC's layout: `image` {bytes, path} (64x64 JPEG) and caption_1..5.
-        Each image is a synthetic "remote-sensing" scene: a background class (forest, sea, desert,
-        city) with one object class (a red-roofed building, a white ship, a black road, or nothing),
-        plus noise. The five captions are templates over (scene, object), so the caption is a function
-        of the image that a tiny model can learn.
+        an HF dataset directory in RISC's layout: `image` {bytes, path} (64x64 JPEG) and caption_1..5,
+        made by tools/sample_data.py: synthetic "remote-sensing" scenes whose five captions are
+        templates over (scene, object), so the caption is a function of the image that a tiny model
+        can learn.
   data/sample/model/
         a random-init PaliGemma checkpoint written by transformers (model.safetensors, config.json),
         a SentencePiece tokenizer trained on the captions and laid out like Gemma's (<pad>=0 <eos>=1
@@ -19,19 +18,13 @@ folder outside the env):
   /opt/pyref/venv/bin/python -m pip install --target /tmp/pyt pyarrow protobuf
   PYTHONPATH=/tmp/pyt /opt/pyref/venv/bin/python tools/make_sample.py
 """
-import io
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
 from transformers import GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -43,71 +36,15 @@ import sentencepiece as spm  # noqa: E402
 from sentencepiece import sentencepiece_model_pb2 as sp_pb  # noqa: E402
 
 OUT = os.path.normpath(os.path.join(HERE, "..", "data", "sample"))
-ROWS, SHARDS, STORED_PX, IMAGE_SIZE, PATCH = 400, 2, 64, 28, 14
+ROWS, SHARDS, IMAGE_SIZE, PATCH = 400, 2, 28, 14
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 
-SCENES = {  # name -> (rgb, noun phrase used in captions)
-    "forest": ((40, 110, 40), "a dense forest"),
-    "sea": ((30, 70, 160), "the sea"),
-    "desert": ((200, 170, 100), "a bare desert"),
-    "city": ((120, 120, 120), "a dense residential area"),
-}
-OBJECTS = ["building", "ship", "road", "none"]
-OBJECT_PHRASE = {"building": "a red building", "ship": "a white ship", "road": "a black road", "none": ""}
-
-
-def captions(scene, obj):
-    s = SCENES[scene][1]
-    if obj == "none":
-        return [f"There is {s} .", f"This is {s} .", f"The picture shows {s} .", f"It is {s} with nothing else .",
-                f"Only {s} can be seen ."]
-    o = OBJECT_PHRASE[obj]
-    return [f"There is {o} in {s} .", f"{o[0].upper() + o[1:]} is in {s} .", f"The picture shows {o} in {s} .",
-            f"We can see {o} in {s} .", f"{s[0].upper() + s[1:]} with {o} ."]
-
-
-def draw_image(rng, scene, obj):
-    base = np.array(SCENES[scene][0], dtype=np.float64)
-    px = base + rng.normal(0, 12, size=(STORED_PX, STORED_PX, 3))
-    img = Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    c = rng.integers(18, STORED_PX - 18, size=2)
-    r = int(rng.integers(10, 15))
-    if obj == "building":
-        d.rectangle([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=(210, 30, 30))
-    elif obj == "ship":
-        d.ellipse([c[0] - r, c[1] - r // 2, c[0] + r, c[1] + r // 2], fill=(245, 245, 245))
-    elif obj == "road":
-        d.rectangle([0, c[1] - 6, STORED_PX, c[1] + 6], fill=(15, 15, 15))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+from sample_data import corpus, make_rows, write_risc  # noqa: E402
 
 
 def make_dataset():
-    rng = np.random.default_rng(7)
-    rows = []
-    for i in range(ROWS):
-        scene = list(SCENES)[i % len(SCENES)]
-        obj = OBJECTS[(i // len(SCENES)) % len(OBJECTS)]
-        caps = captions(scene, obj)
-        rows.append({"image": {"bytes": draw_image(rng, scene, obj), "path": f"sample_{i:04d}.jpg"},
-                     **{f"caption_{k + 1}": caps[k] for k in range(5)}})
-    random.Random(3).shuffle(rows)
-    img_t = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-    schema = pa.schema([pa.field("image", img_t)] + [pa.field(f"caption_{k + 1}", pa.string()) for k in range(5)])
-    data_dir = os.path.join(OUT, "risc", "data")
-    os.makedirs(data_dir)
-    per = (ROWS + SHARDS - 1) // SHARDS
-    for s in range(SHARDS):
-        part = rows[s * per:(s + 1) * per]
-        table = pa.Table.from_pylist(part, schema=schema)
-        pq.write_table(table, os.path.join(data_dir, f"train-{s:05d}-of-{SHARDS:05d}.parquet"), row_group_size=100)
-    corpus = []
-    for scene in SCENES:
-        for obj in OBJECTS:
-            corpus += captions(scene, obj)
-    return corpus
+    write_risc(make_rows(ROWS, seed=7), os.path.join(OUT, "risc", "data"), SHARDS)
+    return corpus()
 
 
 def train_sentencepiece(work, corpus):

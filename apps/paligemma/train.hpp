@@ -166,6 +166,7 @@ inline std::atomic<bool>& interrupt_flag() {
 
 struct StepLog {
   int64_t step = 0;  // optimizer steps done
+  int64_t step_samples = 0;  // samples in the step just taken (batch_size × grad_accum, fewer at an epoch's end)
   double loss = 0, lr = 0, grad_norm = 0, samples_per_s = 0, elapsed_s = 0;
   std::optional<double> eval_loss;
 };
@@ -254,12 +255,14 @@ class Trainer {
       TQ_CHECK(n_tok > 0, "train: step ", step_, " has no supervised tokens");
       sched_.apply(*opt_groups_, step_);
       double step_loss = 0;
+      int64_t step_samples = 0;
       for (const Batch& b : micro) {
         Tensor loss = summed_loss(m_, b, double(n_tok));
         step_loss += loss.item<double>();
         loss.backward();
-        samples += b.input_ids.size(0);
+        step_samples += b.input_ids.size(0);
       }
+      samples += step_samples;
       std::vector<Tensor> params = m_.trainable_parameters();
       const double gn = opt_.max_grad_norm > 0 ? optim::clip_grad_norm(params, opt_.max_grad_norm) : grad_norm(params);
       opt_groups_->step();
@@ -271,6 +274,7 @@ class Trainer {
       ++since_log;
       StepLog lg;
       lg.step = step_;
+      lg.step_samples = step_samples;
       lg.loss = step_loss;
       lg.lr = lr;
       lg.grad_norm = gn;
@@ -439,28 +443,29 @@ class Trainer {
     return t;
   }
 
-  // The next optimizer step's micro-batches: up to grad_accum, fewer at the end of an epoch.
+  // The next optimizer step's micro-batches: up to grad_accum, fewer at the end of an epoch (as HF's
+  // last, short accumulation step). A step never crosses an epoch boundary.
   std::vector<Batch> next_micro_batches() {
     std::vector<Batch> out;
-    const int64_t step_in_epoch_end = std::min(micro_per_epoch_, (micro_ / opt_.grad_accum + 1) * opt_.grad_accum);
-    while (out.empty() || micro_ < step_in_epoch_end) {
-      if (micro_ >= micro_per_epoch_) {  // next epoch
+    for (int64_t epochs_tried = 0; out.empty(); ++epochs_tried) {
+      TQ_CHECK(epochs_tried <= 1, "train: a whole epoch of micro-batches has no captioned row");
+      if (micro_ >= micro_per_epoch_) {  // the previous step ended the epoch
         ++epoch_;
         micro_ = 0;
         started_ = false;
-        if (!out.empty()) break;
-        continue;
       }
-      if (!started_) {
-        loader_->begin_epoch(uint64_t(epoch_), micro_);
-        started_ = true;
+      const int64_t step_end = std::min(micro_per_epoch_, (micro_ / opt_.grad_accum + 1) * opt_.grad_accum);
+      while (micro_ < step_end) {
+        if (!started_) {
+          loader_->begin_epoch(uint64_t(epoch_), micro_);
+          started_ = true;
+        }
+        auto lb = loader_->next();
+        TQ_CHECK(lb.has_value(), "train: the loader ended early at micro-batch ", micro_);
+        ++micro_;
+        if (lb->size() == 0) continue;  // every row of the batch lacked a caption
+        out.push_back(collate(*lb, m_.config.pad_token_id, loader_opts_.image_height, loader_opts_.image_width));
       }
-      auto lb = loader_->next();
-      TQ_CHECK(lb.has_value(), "train: the loader ended early at micro-batch ", micro_);
-      ++micro_;
-      if (lb->size() == 0) continue;  // every row of the batch lacked a caption
-      out.push_back(collate(*lb, m_.config.pad_token_id, loader_opts_.image_height, loader_opts_.image_width));
-      if (micro_ >= step_in_epoch_end) break;
     }
     return out;
   }

@@ -197,6 +197,33 @@ TEST(TrainResume, BitIdenticalLosses) {
   fs::remove_all(out);
 }
 
+// Runs longer than an epoch: every step takes grad_accum micro-batches (the last step of an epoch
+// fewer), never the rest of the next epoch (a step used to swallow a whole epoch after the first).
+TEST(TrainEpochs, EveryStepTakesOneAccumulationOfMicroBatches) {
+  const fs::path out = scratch_dir() / "tq_train_epochs";
+  fs::remove_all(out);
+  train::TrainOptions o = tiny_options(out);
+  TinyRun probe(o);
+  const int64_t rows = probe.ds->size(), per_epoch = (rows + o.batch_size - 1) / o.batch_size;
+  o.max_steps = 3 * ((per_epoch + o.grad_accum - 1) / o.grad_accum) + 1;  // into a 4th epoch
+  TinyRun run(o);
+  std::vector<int64_t> samples;
+  run.tr->on_step = [&](const train::StepLog& l) { samples.push_back(l.step_samples); };
+  run.tr->run();
+  ASSERT_EQ(int64_t(samples.size()), o.max_steps);
+  int64_t micro = 0, total = 0;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const int64_t n_micro = std::min<int64_t>(o.grad_accum, per_epoch - micro);
+    int64_t expect = 0;
+    for (int64_t k = 0; k < n_micro; ++k) expect += std::min<int64_t>(o.batch_size, rows - (micro + k) * o.batch_size);
+    EXPECT_EQ(samples[i], expect) << "step " << i + 1;
+    micro = (micro + n_micro) % per_epoch;
+    total += samples[i];
+  }
+  EXPECT_GT(total, 3 * rows);
+  fs::remove_all(out);
+}
+
 // Gradient checkpointing recomputes decoder layers with the same dropout masks: same losses.
 TEST(TrainResume, GradCheckpointingSameLosses) {
   const fs::path out = scratch_dir() / "tq_train_gc";
