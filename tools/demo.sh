@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/runs/demo}
 JOBS=${JOBS:-$(nproc)}
-STEPS=${STEPS:-150}
+STEPS=${STEPS:-1200}
 MODEL=$ROOT/data/sample/model
 DATA=$ROOT/data/sample/risc
 start=$(date +%s)
@@ -54,8 +54,8 @@ say "zero-shot eval"
 
 say "fine-tune ($STEPS steps)"
 "$PG" train --model "$MODEL" --data "$DATA" --out "$OUT/train" --device "$DEVICE" --dtype f32 --quant none \
-  --max-steps "$STEPS" --batch-size 8 --grad-accum 1 --lr 1e-2 --lora-plus-ratio 4 --warmup-ratio 0.05 \
-  --caption-strategy random --log-every 10 --save-every 0
+  --max-steps "$STEPS" --batch-size 16 --grad-accum 1 --lr 2e-3 --lora-plus-ratio 16 --warmup-ratio 0.05 \
+  --caption-strategy random --log-every 50 --save-every 0
 
 say "fine-tuned eval"
 "$PG" eval --model "$MODEL" --adapter "$OUT/train/adapter" "${EVAL_FLAGS[@]}" --compare "$OUT/zero_shot" \
