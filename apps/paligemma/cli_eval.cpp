@@ -1,5 +1,6 @@
 // `paligemma eval`: batched greedy captioning of a split, predictions JSONL, the notebook's
 // results.json (+ CSV), a qualitative PNG and the resolved config, all under --out (evaluate.hpp).
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -53,11 +54,15 @@ const tq::cli::Register reg_eval(
         a->o.load.dtype = parse_load_dtype(a->dtype);
         a->o.load.quant = parse_quant(a->quant);
         a->o.progress = !a->no_progress;
+        const auto t0 = std::chrono::steady_clock::now();
         const EvalResult r = run_eval(a->o);
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         tq::cli::write_resolved_config(app, (std::filesystem::path(a->o.out) / "eval_config.json").string());
         std::printf("%s\n", r.results.dump(2).c_str());
         std::fprintf(stderr, "wrote %s/{predictions.jsonl,results.json,results.csv,qualitative.png,eval_config.json}\n",
                      a->o.out.c_str());
+        std::fprintf(stderr, "eval: %.1f s in all (model load, captioning, scoring, figure); %s\n", secs,
+                     cli::peak_memory_line(a->o.load.device).c_str());
         return 0;
       };
     });

@@ -44,7 +44,16 @@ const tq::cli::Register reg_generate(
         o.max_new_tokens = a->max_new_tokens;
         o.eos_token_id = m->config.eos_token_id;
         o.pad_token_id = m->config.pad_token_id;
+        GenerateStats st;
+        o.stats = &st;
         auto seqs = greedy_generate(*m, b, o);
+        const double toks = double(st.rows * st.steps), total = st.prefill_s + st.decode_s;
+        std::fprintf(stderr,
+                     "generate: %lld rows x %lld steps = %.0f tokens in %.3f s (prompt pass + first token %.3f s, "
+                     "then %.1f tokens/s); %.1f tokens/s overall; %s\n",
+                     (long long)st.rows, (long long)st.steps, toks, total, st.prefill_s,
+                     st.decode_s > 0 ? double(st.rows * (st.steps - 1)) / st.decode_s : 0.0,
+                     total > 0 ? toks / total : 0.0, cli::peak_memory_line(m->device()).c_str());
         nlohmann::json out;
         out["sequences"] = seqs;
         if (tok) out["texts"] = nlohmann::json::array();

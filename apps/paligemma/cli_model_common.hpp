@@ -38,6 +38,14 @@ inline std::unique_ptr<PaliGemmaForConditionalGeneration> load_cli_model(const M
   return m;
 }
 
+// "peak 12.3 GiB on cuda:0" — the high-water mark of tq's allocations on the model's device.
+inline std::string peak_memory_line(Device d) {
+  const MemoryStats s = memory_stats(d);
+  char b[96];
+  std::snprintf(b, sizeof b, "peak memory %.2f GiB on %s", double(s.peak) / double(1ull << 30), d.str().c_str());
+  return b;
+}
+
 inline Batch load_batch_file(const std::string& path) {
   SafetensorsFile f = SafetensorsFile::open(path);
   auto get = [&](const char* k, bool required) {

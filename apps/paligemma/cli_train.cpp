@@ -129,7 +129,9 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   const fs::path csv_path = fs::path(a.out) / "log.csv";
   const bool csv_new = !fs::exists(csv_path) || fs::file_size(csv_path) == 0;
   std::ofstream csv(csv_path, std::ios::app);
-  if (csv_new) csv << "step,loss,learning_rate,grad_norm,samples_per_s,elapsed_s,eval_loss\n";
+  if (csv_new) csv << "step,loss,learning_rate,grad_norm,samples_per_s,elapsed_s,eval_loss,peak_memory_gib\n";
+  const Device dev = m->device();
+  auto peak_gib = [dev] { return double(memory_stats(dev).peak) / double(1ull << 30); };
   const int64_t start = tr.step();
   tr.on_step = [&](const train::StepLog& l) {
     if (!tty) return;
@@ -140,11 +142,13 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   };
   tr.on_log = [&](const train::StepLog& l) {
     nlohmann::json j = {{"step", l.step}, {"loss", l.loss}, {"learning_rate", l.lr}, {"grad_norm", l.grad_norm},
-                        {"samples_per_s", l.samples_per_s}, {"elapsed_s", l.elapsed_s}};
+                        {"samples_per_s", l.samples_per_s}, {"elapsed_s", l.elapsed_s},
+                        {"peak_memory_gib", peak_gib()}};
     if (l.eval_loss) j["eval_loss"] = *l.eval_loss;
     jsonl << j.dump() << "\n" << std::flush;
     csv << l.step << "," << l.loss << "," << l.lr << "," << l.grad_norm << "," << l.samples_per_s << ","
-        << l.elapsed_s << "," << (l.eval_loss ? std::to_string(*l.eval_loss) : "") << "\n" << std::flush;
+        << l.elapsed_s << "," << (l.eval_loss ? std::to_string(*l.eval_loss) : "") << "," << peak_gib() << "\n"
+        << std::flush;
     if (!tty) {
       const double per = l.elapsed_s / double(std::max<int64_t>(1, l.step - start));
       std::fprintf(stderr, "step %lld/%lld loss %.4g lr %.4g grad_norm %.4g samples/s %.3g ETA %s%s\n",
@@ -174,8 +178,8 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   }
   const std::string adapter = (fs::path(a.out) / "adapter").string();
   tr.save_adapter(adapter);
-  std::fprintf(stderr, "train: done, %lld steps; adapter %s; curves %s\n", (long long)r.steps_done, adapter.c_str(),
-               (fs::path(a.out) / "curves.png").c_str());
+  std::fprintf(stderr, "train: done, %lld steps; adapter %s; curves %s; %s\n", (long long)r.steps_done,
+               adapter.c_str(), (fs::path(a.out) / "curves.png").c_str(), tq::paligemma::cli::peak_memory_line(dev).c_str());
   return 0;
 }
 

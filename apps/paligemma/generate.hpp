@@ -10,16 +10,25 @@
 // Returns the sequences as HF does: the prompt ids followed by the new ids.
 #pragma once
 
+#include <chrono>
 #include <vector>
 
 #include "paligemma/paligemma.hpp"
 
 namespace tq::paligemma {
 
+// Wall-clock split of one greedy_generate call (each step reads its argmax back, so the device is
+// synchronized at every boundary and the times are real).
+struct GenerateStats {
+  double prefill_s = 0, decode_s = 0;
+  int64_t rows = 0, steps = 0;  // tokens generated = rows × steps (finished rows get pad)
+};
+
 struct GenerateOptions {
   int64_t max_new_tokens = 20;
   int64_t eos_token_id = 1;
   int64_t pad_token_id = 0;
+  GenerateStats* stats = nullptr;  // filled when set
 };
 
 namespace generate_detail {
@@ -47,6 +56,8 @@ inline std::vector<int64_t> generation_positions(const std::vector<int64_t>& mas
 inline std::vector<std::vector<int64_t>> greedy_generate(PaliGemmaForConditionalGeneration& m, const Batch& batch,
                                                          const GenerateOptions& opt) {
   NoGradGuard ng;
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
   const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
   std::vector<int64_t> ids = batch.input_ids.to_vector<int64_t>();
   std::vector<int64_t> mask = batch.attention_mask.defined() ? batch.attention_mask.to_vector<int64_t>()
@@ -70,8 +81,11 @@ inline std::vector<std::vector<int64_t>> greedy_generate(PaliGemmaForConditional
   for (int64_t b = 0; b < B; ++b) last_pos[size_t(b)] = pos[size_t(b * T + T - 1)];
   std::vector<bool> finished(static_cast<size_t>(B), false);
   int64_t Tk = T;
+  auto t1 = t0;
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
     std::vector<int64_t> next = generate_detail::argmax_rows(m.lm_head(last));
+    if (step == 0) t1 = clock::now();  // the prompt pass and its first token
+    if (opt.stats) opt.stats->steps = step + 1;
     bool all_done = true;
     for (int64_t b = 0; b < B; ++b) {
       if (finished[size_t(b)]) next[size_t(b)] = opt.pad_token_id;
@@ -97,6 +111,11 @@ inline std::vector<std::vector<int64_t>> greedy_generate(PaliGemmaForConditional
     Tensor hs = m.hidden_states(Tensor::from_vector(next, {B, 1}), Tensor(), Tensor::from_vector(step_pos, {B, 1}),
                                 smask, &cache);
     last = hs.select(1, 0);
+  }
+  if (opt.stats) {
+    opt.stats->rows = B;
+    opt.stats->prefill_s = std::chrono::duration<double>(t1 - t0).count();
+    opt.stats->decode_s = std::chrono::duration<double>(clock::now() - t1).count();
   }
   return seqs;
 }
