@@ -4,7 +4,7 @@
 // ("dw", TN). bf16 in, fp32 accumulate, bf16 out. Inputs rotate over enough copies that the
 // working set is several times the L2, so a timed call never finds its operands cached by the
 // previous one. Each benchmark reports the median over its timed iterations as TFLOPS.
-// Names: gemm/<impl>/<op>/M/K/N; tools/device_test.sh pairs them into ratios.
+// Names: gemm/<impl>/<op>/M/K/N; tools/bench_table.py pairs them into ratios.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>

@@ -90,3 +90,23 @@ def corpus():
     return out
 
 
+
+
+if __name__ == "__main__":
+    # python3 tools/sample_data.py OUT_DIR ROWS [IMAGES_DIR N]: a RISC-format dataset of ROWS synthetic
+    # rows (the GPU benchmarks' data: `eval --limit 500` needs >= 5000 rows for a 500-row test split),
+    # and optionally the first N images as JPEG files plus a preprocess JSONL (`prompt` "caption en").
+    import json
+    import sys
+    if len(sys.argv) not in (3, 5):
+        sys.exit("usage: sample_data.py OUT_DIR ROWS [IMAGES_DIR N]")
+    rows = make_rows(int(sys.argv[2]), seed=1234, shuffle_seed=1234, prefix="bench")
+    write_risc(rows, os.path.join(sys.argv[1], "data"), max(1, len(rows) // 2000))
+    if len(sys.argv) == 5:
+        img_dir = sys.argv[3]
+        os.makedirs(img_dir, exist_ok=True)
+        with open(os.path.join(img_dir, "batch.jsonl"), "w") as f:
+            for r in rows[:int(sys.argv[4])]:
+                with open(os.path.join(img_dir, r["image"]["path"]), "wb") as im:
+                    im.write(r["image"]["bytes"])
+                f.write(json.dumps({"image": r["image"]["path"], "prompt": "caption en"}) + "\n")

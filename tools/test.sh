@@ -27,7 +27,7 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "== GPU tests (a GPU is present)"
   else
-    echo "== GPU tests (no GPU here: they skip; tools/device_test.sh runs them on the lent H200)"
+    echo "== GPU tests (no GPU here: they skip; tools/device.sh runs them on a GPU machine)"
   fi
   (cd build-cuda && ctest --output-on-failure -j 1 --timeout 1500 -L gpu)
 fi
