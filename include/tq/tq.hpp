@@ -11,6 +11,7 @@
 #include "tq/ops/matmul.hpp"
 #include "tq/ops/softmax.hpp"
 #include "tq/ops/norm.hpp"
+#include "tq/ops/geglu.hpp"
 #include "tq/ops/rope.hpp"
 #include "tq/ops/embedding.hpp"
 #include "tq/ops/shape_ops.hpp"

@@ -17,6 +17,15 @@ namespace tq {
 
 namespace ops {
 
+// CUDA entry point, filled in by <tq/cuda.hpp> (kernels/dropout.cuh); empty in a CPU-only program.
+struct DropoutCudaKernels {
+  Tensor (*apply)(const Tensor& x, double p, uint64_t seed, uint64_t offset) = nullptr;
+};
+inline DropoutCudaKernels& cuda_dropout_kernels() {
+  static DropoutCudaKernels k;
+  return k;
+}
+
 inline void check_dropout_p(double p) {
   TQ_CHECK(p >= 0.0 && p <= 1.0, "dropout: probability must be in [0, 1], got ", p);
 }
@@ -34,9 +43,10 @@ inline Tensor dropout_mask(const Shape& shape, double p, uint64_t seed, uint64_t
 
 // out = x ⊙ keep / (1 − p), in x's dtype; used for both directions (backward passes grad_out).
 inline Tensor dropout_apply(const char* op, const Tensor& x, double p, uint64_t seed, uint64_t offset) {
-  require_cpu(op, x);
   require_float(op, x);
   check_dropout_p(p);
+  if (x.device().is_cuda()) return call_cuda(cuda_dropout_kernels().apply, op, x, p, seed, offset);
+  require_cpu(op, x);
   const DType ct = compute_dtype(x.dtype());
   Tensor xc = dense(x, ct), out = Tensor::empty(x.shape(), ct);
   TQ_DISPATCH_FLOAT(ct, C, {

@@ -5,12 +5,17 @@
 // naming the id, its position and V (never a silent read past the table). Backward accumulates
 // repeated ids in the compute dtype and rounds once; the row `padding_idx` (if ≥ 0) gets no
 // gradient, as torch.nn.Embedding(padding_idx=...) (Gemma's embed_tokens uses padding_idx 0).
+//
+// On CUDA (ids on the weight's device) the lookup is index_select's gather kernel and the backward
+// its deterministic scatter-add (ids sorted, each row's gradients summed in id-position order in
+// fp32, written once in the weight's dtype: no (V, D) fp32 buffer). Ids are validated on the
+// device; see shape_ops.hpp for how an out-of-range id is reported (check_device_index_errors).
 #pragma once
 
 
 #include <cstring>
 
-#include "tq/ops/matmul.hpp"
+#include "tq/ops/shape_ops.hpp"
 
 namespace tq {
 
@@ -30,9 +35,17 @@ inline std::vector<int64_t> checked_ids(const char* op, const Tensor& ids, int64
 // out (ids..., D) = weight (V, D) rows at ids.
 inline Tensor embedding(const Tensor& ids, const Tensor& weight) {
   require_same_device("embedding", weight, ids);
-  require_cpu("embedding", weight, ids);
   TQ_CHECK(weight.dim() == 2, "embedding: weight must be (V, D), got ", describe(weight));
   const int64_t V = weight.size(0), D = weight.size(1);
+  if (weight.device().is_cuda()) {
+    detail::check_index_dtype("embedding", ids);
+    Shape out_shape = ids.shape();
+    out_shape.push_back(D);
+    Tensor flat = ids.detach().reshape({ids.numel()});
+    return call_cuda(cuda_index_kernels().gather, "embedding", IndexOp::embedding, weight, int64_t(0), flat)
+        .view(out_shape);
+  }
+  require_cpu("embedding", weight, ids);
   const auto id = detail::checked_ids("embedding", ids, V);
   Shape out_shape = ids.shape();
   out_shape.push_back(D);
@@ -50,6 +63,18 @@ inline Tensor embedding(const Tensor& ids, const Tensor& weight) {
 // gw (V, D) in weight_dtype: Σ of grad_out's rows (ids..., D) into the rows their ids name.
 inline Tensor embedding_backward(const Tensor& grad_out, const Tensor& ids, int64_t V, DType weight_dtype,
                                  int64_t padding_idx = -1) {
+  require_same_device("embedding backward", grad_out, ids);
+  if (grad_out.device().is_cuda()) {
+    detail::check_index_dtype("embedding backward", ids);
+    TQ_CHECK(is_floating(weight_dtype), "embedding backward: the weight must be a float tensor, got ",
+             dtype_name(weight_dtype));
+    const int64_t D = grad_out.dim() ? grad_out.size(-1) : 1;
+    TQ_CHECK(grad_out.numel() == ids.numel() * D, "embedding backward: gradient ", describe(grad_out),
+             " does not match ids ", describe(ids));
+    Tensor g = grad_out.detach().reshape({ids.numel(), D});
+    return call_cuda(cuda_index_kernels().scatter_add, "embedding backward", IndexOp::embedding_backward, g,
+                     Shape{V, D}, weight_dtype, int64_t(0), ids.detach().reshape({ids.numel()}), padding_idx);
+  }
   require_cpu("embedding backward", grad_out, ids);
   const auto id = detail::checked_ids("embedding backward", ids, V);
   const int64_t D = grad_out.dim() ? grad_out.size(-1) : 1;

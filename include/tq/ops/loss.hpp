@@ -13,12 +13,16 @@
 // All rows ignored under `mean`: the loss is 0 with zero gradient (HF returns NaN from 0/0). A
 // micro-batch without supervised tokens then adds nothing instead of poisoning the accumulation.
 // A target outside [0, V) that is not ignore_index throws tq::Error naming the row.
+//
+// On CUDA the whole computation stays on the device — the loss is a device scalar, the count of
+// supervised rows and the divisor never reach the host — so the op neither synchronizes nor
+// reads the targets on the host. A bad target is recorded on the device, its row treated as
+// ignored, and reported by ops::check_device_index_errors() (see shape_ops.hpp).
 #pragma once
 
 #include <cmath>
-#include <functional>
 
-#include "tq/ops/cpu_util.hpp"
+#include "tq/ops/shape_ops.hpp"  // IndexOp, check_device_index_errors
 
 namespace tq {
 
@@ -31,6 +35,45 @@ struct CrossEntropyOptions {
 
 namespace ops {
 
+// What the summed loss is divided by: the supervised row count (mean), 1 (sum) or a given
+// normalizer (cross_entropy_normalized).
+enum class CrossEntropyDivisor { count, one, fixed };
+
+// What the CUDA forward leaves on the device.
+struct CrossEntropyCudaResult {
+  Tensor loss;      // () compute dtype: Σ row_loss / divisor, 0 when the divisor is 0
+  Tensor row_loss;  // (N) compute dtype, 0 on ignored rows
+  Tensor lse;       // (N) compute dtype, 0 on ignored rows
+  Tensor divisor;   // () f64
+};
+
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/cross_entropy.cuh); empty in a CPU-only
+// program. Arguments arrive checked for shape and dtype (check_cross_entropy_args).
+struct CrossEntropyCudaKernels {
+  CrossEntropyCudaResult (*forward)(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
+                                    CrossEntropyDivisor mode, double normalizer) = nullptr;
+  // dlogits (N, V) in the logits' dtype = (grad / divisor)·(softmax − onehot) on supervised rows,
+  // 0 elsewhere; grad () and divisor () live on the device.
+  Tensor (*backward)(const Tensor& grad, const Tensor& divisor, const Tensor& logits, const Tensor& targets,
+                     const Tensor& lse, int64_t ignore_index) = nullptr;
+};
+inline CrossEntropyCudaKernels& cuda_cross_entropy_kernels() {
+  static CrossEntropyCudaKernels k;
+  return k;
+}
+
+// Shapes, dtypes and devices of logits (N, V) and targets (N).
+inline void check_cross_entropy_args(const Tensor& logits, const Tensor& targets) {
+  const char* op = "cross_entropy";
+  require_same_device(op, logits, targets);
+  require_float(op, logits);
+  TQ_CHECK(logits.dim() == 2, op, ": logits must be (N, V), got ", describe(logits));
+  TQ_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must be (N) = [", logits.size(0),
+           "], got ", describe(targets), " for logits ", describe(logits));
+  TQ_CHECK(targets.dtype() == DType::i64 || targets.dtype() == DType::i32, op, ": targets must be i64 (or i32), got ",
+           describe(targets));
+}
+
 // What the forward leaves for the backward: per-row log-sum-exp and the loss sum.
 struct CrossEntropyStats {
   double sum = 0;     // Σ loss_r over supervised rows, accumulated in double
@@ -41,14 +84,8 @@ struct CrossEntropyStats {
 // Targets as i64, checked against (N) and [0, V) ∪ {ignore_index}.
 inline std::vector<int64_t> cross_entropy_targets(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
   const char* op = "cross_entropy";
-  require_same_device(op, logits, targets);
+  check_cross_entropy_args(logits, targets);
   require_cpu(op, logits, targets);
-  require_float(op, logits);
-  TQ_CHECK(logits.dim() == 2, op, ": logits must be (N, V), got ", describe(logits));
-  TQ_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must be (N) = [", logits.size(0),
-           "], got ", describe(targets), " for logits ", describe(logits));
-  TQ_CHECK(targets.dtype() == DType::i64 || targets.dtype() == DType::i32, op, ": targets must be i64 (or i32), got ",
-           describe(targets));
   std::vector<int64_t> t = dense(targets, DType::i64).to_vector<int64_t>();
   const int64_t V = logits.size(1);
   for (size_t r = 0; r < t.size(); ++r)
@@ -137,11 +174,24 @@ inline Tensor cross_entropy_backward(double weight, const Tensor& logits, const 
   return grad;
 }
 
+// The loss as one autograd node: Σ loss_r / divisor (0 when the divisor is 0).
 inline Tensor cross_entropy_node(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
-                                 std::function<double(const CrossEntropyStats&)> divisor) {
+                                 CrossEntropyDivisor mode, double normalizer = 1.0) {
   Tensor ld = logits.detach(), td = targets.detach();
+  if (ld.device().is_cuda()) {
+    check_cross_entropy_args(ld, td);
+    CrossEntropyCudaResult r =
+        call_cuda(cuda_cross_entropy_kernels().forward, "cross_entropy", ld, td, ignore_index, mode, normalizer);
+    Tensor lse = r.lse, divisor = r.divisor;
+    return record("cross_entropy", r.loss, {logits}, [ld, td, lse, divisor, ignore_index](const Tensor& g) {
+      return std::vector<Tensor>{call_cuda(cuda_cross_entropy_kernels().backward, "cross_entropy backward", g, divisor,
+                                           ld, td, lse, ignore_index)};
+    });
+  }
   CrossEntropyStats st = cross_entropy_forward(ld, td, ignore_index);
-  const double div = divisor(st);
+  const double div = mode == CrossEntropyDivisor::count ? double(st.count)
+                     : mode == CrossEntropyDivisor::one ? 1.0
+                                                        : normalizer;
   const DType ct = compute_dtype(logits.dtype());
   Tensor out = Tensor::full({}, div > 0 ? st.sum / div : 0.0, ct);
   Tensor lse = st.lse;
@@ -155,10 +205,10 @@ inline Tensor cross_entropy_node(const Tensor& logits, const Tensor& targets, in
 
 // Differentiable cross-entropy; a scalar in fp32 (f64 for f64 logits). Gradient flows to logits only.
 inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, const CrossEntropyOptions& opt = {}) {
-  const Reduction red = opt.reduction;
-  return ops::cross_entropy_node(logits, targets, opt.ignore_index, [red](const ops::CrossEntropyStats& st) {
-    return red == Reduction::sum ? 1.0 : double(st.count);  // mean with no supervised row → 0
-  });
+  // mean with no supervised row divides by 0: the node then gives 0.
+  return ops::cross_entropy_node(logits, targets, opt.ignore_index,
+                                 opt.reduction == Reduction::sum ? ops::CrossEntropyDivisor::one
+                                                                 : ops::CrossEntropyDivisor::count);
 }
 
 // Σ loss_r / normalizer, for gradient accumulation over micro-batches (normalizer > 0: the number of
@@ -167,9 +217,7 @@ inline Tensor cross_entropy_normalized(const Tensor& logits, const Tensor& targe
                                        int64_t ignore_index = -100) {
   TQ_CHECK(normalizer > 0 && std::isfinite(normalizer), "cross_entropy_normalized: normalizer must be > 0, got ",
            normalizer);
-  return ops::cross_entropy_node(logits, targets, ignore_index, [normalizer](const ops::CrossEntropyStats&) {
-    return normalizer;
-  });
+  return ops::cross_entropy_node(logits, targets, ignore_index, ops::CrossEntropyDivisor::fixed, normalizer);
 }
 
 }  // namespace tq

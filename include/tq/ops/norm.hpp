@@ -8,7 +8,8 @@
 // weight and bias are optional (undefined = no affine part) and may have another float dtype
 // than x (QLoRA keeps norms in fp32 next to bf16 activations); the output has x's dtype.
 // Backward recomputes the row statistics from the saved x instead of storing them, and reduces
-// the weight/bias gradients over rows in double.
+// the weight/bias gradients over rows in double (on CUDA: fp32 partial sums per block of rows,
+// then a double sum of the partials, see kernels/norm.cuh).
 #pragma once
 
 
@@ -20,11 +21,28 @@ namespace tq {
 
 namespace ops {
 
+// Gradients of both norms (see norm_backward).
+struct NormGrads {
+  Tensor x, weight, bias;
+};
+
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/norm.cuh); empty in a CPU-only program.
+// `center` selects layer norm (mean subtracted) over rms norm; `offset` is rms norm's weight offset.
+struct NormCudaKernels {
+  Tensor (*forward)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, bool center,
+                    double offset) = nullptr;
+  NormGrads (*backward)(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
+                        bool center, double offset) = nullptr;
+};
+inline NormCudaKernels& cuda_norm_kernels() {
+  static NormCudaKernels k;
+  return k;
+}
+
 namespace detail {
 
 inline void check_norm_args(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias) {
   require_same_device(op, x, weight, bias);
-  require_cpu(op, x, weight, bias);
   require_float(op, x, weight, bias);
   TQ_CHECK(x.dim() >= 1, op, ": input must have at least one dimension, got ", describe(x));
   const int64_t D = x.size(-1);
@@ -92,6 +110,8 @@ void norm_forward_rows(const C* x, const C* w, const C* b, C* y, int64_t rows, i
 // y = layer_norm(x) over the last dim, in x's dtype.
 inline Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5) {
   detail::check_norm_args("layer_norm", x, weight, bias);
+  if (x.device().is_cuda()) return call_cuda(cuda_norm_kernels().forward, "layer_norm", x, weight, bias, eps, true, 0.0);
+  require_cpu("layer_norm", x, weight, bias);
   const DType ct = compute_dtype(x.dtype());
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   Tensor xc = dense(x, ct), y = Tensor::empty(x.shape(), ct);
@@ -106,6 +126,9 @@ inline Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bi
 // y = rms_norm(x) · (offset + w) over the last dim, in x's dtype.
 inline Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-6, double weight_offset = 0.0) {
   detail::check_norm_args("rms_norm", x, weight, Tensor());
+  if (x.device().is_cuda())
+    return call_cuda(cuda_norm_kernels().forward, "rms_norm", x, weight, Tensor(), eps, false, weight_offset);
+  require_cpu("rms_norm", x, weight);
   const DType ct = compute_dtype(x.dtype());
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   Tensor xc = dense(x, ct), y = Tensor::empty(x.shape(), ct);
@@ -120,16 +143,17 @@ inline Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-6,
 // Gradients of both norms. With x̂ = (x − mean)·rstd, s = offset + w (or 1) and ĝ = g·s:
 //   gx = rstd · (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))   (layer norm; rms norm drops the mean(ĝ) term)
 //   gw = Σ_rows g·x̂,  gb = Σ_rows g.
-struct NormGrads {
-  Tensor x, weight, bias;
-};
-
 // `bias` is only consulted for whether it exists and its dtype.
 inline NormGrads norm_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& bias,
                                double eps, bool center, double offset) {
   const char* op = center ? "layer_norm backward" : "rms_norm backward";
-  require_cpu(op, grad_out, x, weight);
+  detail::check_norm_args(op, x, weight, bias);
+  require_same_device(op, x, grad_out);
+  require_float(op, grad_out);
   TQ_CHECK(grad_out.shape() == x.shape(), op, ": gradient ", describe(grad_out), " does not match input ", describe(x));
+  if (x.device().is_cuda())
+    return call_cuda(cuda_norm_kernels().backward, op, grad_out, x, weight, bias, eps, center, offset);
+  require_cpu(op, grad_out, x, weight);
   const DType ct = compute_dtype(x.dtype());
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   Tensor xc = dense(x, ct), gc = dense(grad_out, ct), gx = Tensor::empty(x.shape(), ct);

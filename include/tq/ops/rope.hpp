@@ -23,6 +23,25 @@ namespace tq {
 
 namespace ops {
 
+// CUDA entry point, filled in by <tq/cuda.hpp> (kernels/rope.cuh); empty in a CPU-only program.
+// positions: (Bp, T) i64 on x's device (Bp = 1 or B); inv_freq: the head_dim / 2 fp32 inverse
+// frequencies, computed on the host exactly as rope_cos_sin does.
+struct RopeCudaKernels {
+  Tensor (*apply)(const Tensor& x, const Tensor& positions, const std::vector<float>& inv_freq, bool backward) = nullptr;
+};
+inline RopeCudaKernels& cuda_rope_kernels() {
+  static RopeCudaKernels k;
+  return k;
+}
+
+// inv_freq[i] = 1 / theta^(2i/D) in fp32, i < D/2 (HF: an int64 arange cast to float).
+inline std::vector<float> rope_inv_freq(int64_t head_dim, double theta) {
+  std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
+  for (int64_t i = 0; i < head_dim / 2; ++i)
+    inv_freq[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
+  return inv_freq;
+}
+
 namespace detail {
 
 // position_ids as (Bp, T) int64 values after checking them against x (B, H, T, D).
@@ -51,11 +70,10 @@ inline C round_as(C v, DType dt) {
 // cos and sin tables (Bp, T, D) in `dtype` for positions (Bp, T) (see the header comment).
 inline std::pair<Tensor, Tensor> rope_cos_sin(const Tensor& position_ids, int64_t head_dim, double theta, DType dtype) {
   TQ_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head dim must be even, got ", head_dim);
+  require_cpu("rope_cos_sin", position_ids);
   Tensor p = dense(position_ids.dim() == 1 ? position_ids.detach().unsqueeze(0) : position_ids, DType::i64);
   const int64_t half = head_dim / 2, rows = p.numel();
-  std::vector<float> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i)
-    inv_freq[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
+  const std::vector<float> inv_freq = rope_inv_freq(head_dim, theta);
   Tensor c = Tensor::empty({p.size(0), p.size(1), head_dim}, DType::f32);
   Tensor s = Tensor::empty(c.shape(), DType::f32);
   const int64_t* pp = p.data<int64_t>();
@@ -98,11 +116,13 @@ void rope_apply(const C* x, const C* cs, const C* sn, C* out, int64_t B, int64_t
 }
 
 inline Tensor rope_impl(const char* op, const Tensor& x, const Tensor& position_ids, double theta, bool backward) {
-  require_cpu(op, x, position_ids);
   require_float(op, x);
   TQ_CHECK(x.dim() == 4, op, ": input must be (B, H, T, D), got ", describe(x));
   TQ_CHECK(x.size(3) % 2 == 0, op, ": head dim must be even, got ", describe(x));
   Tensor pos = checked_positions(op, position_ids, x);
+  if (x.device().is_cuda())
+    return call_cuda(cuda_rope_kernels().apply, op, x, pos, rope_inv_freq(x.size(3), theta), backward);
+  require_cpu(op, x, position_ids);
   const DType ct = compute_dtype(x.dtype());
   auto [c, s] = rope_cos_sin(pos, x.size(3), theta, x.dtype());
   Tensor xc = dense(x, ct), cc = dense(c, ct), sc = dense(s, ct), out = Tensor::empty(x.shape(), ct);

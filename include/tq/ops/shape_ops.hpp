@@ -6,6 +6,14 @@
 // torch.index_select). masked_scatter fills the positions where the broadcast mask is true, in
 // row-major order, with consecutive elements of the flattened source — how PaliGemma puts image
 // features into the `<image>` token slots.
+//
+// On CUDA, index values live on the device and are checked there, never read by the host inside
+// an op (ops stay asynchronous and graph-capturable): a kernel that meets an out-of-range index
+// records it (first one wins), and ops::check_device_index_errors() — called by the caller at a
+// point where it synchronizes anyway, e.g. after reading the loss — throws the tq::Error naming
+// the op, the index and the bound. Until then the offending element is handled safely: a gathered
+// row is zero-filled, a scattered gradient row is dropped, a masked_scatter position beyond the
+// source keeps the input's value. On the CPU the same checks throw at once.
 #pragma once
 
 
@@ -16,6 +24,59 @@
 namespace tq {
 
 namespace ops {
+
+// Ops whose CUDA kernels validate indices on the device (named in the error).
+enum class IndexOp : int {
+  embedding,
+  embedding_backward,
+  index_select,
+  index_select_backward,
+  masked_scatter,
+  cross_entropy,
+  cross_entropy_backward
+};
+
+inline const char* index_op_name(IndexOp op) {
+  switch (op) {
+    case IndexOp::embedding: return "embedding";
+    case IndexOp::embedding_backward: return "embedding backward";
+    case IndexOp::index_select: return "index_select";
+    case IndexOp::index_select_backward: return "index_select backward";
+    case IndexOp::masked_scatter: return "masked_scatter";
+    case IndexOp::cross_entropy: return "cross_entropy";
+    case IndexOp::cross_entropy_backward: return "cross_entropy backward";
+  }
+  return "?";
+}
+
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/index.cuh); empty in a CPU-only program.
+struct IndexCudaKernels {
+  // x with dimension `dim` replaced by the slices named by `index` (1-D i64/i32 on x's device).
+  Tensor (*gather)(IndexOp, const Tensor& x, int64_t dim, const Tensor& index) = nullptr;
+  // zeros(x_shape, x_dtype) with grad's slices added at their indices; slices whose index equals
+  // `skip` (embedding's padding_idx; −1 = none) add nothing.
+  Tensor (*scatter_add)(IndexOp, const Tensor& grad, const Shape& x_shape, DType x_dtype, int64_t dim,
+                        const Tensor& index, int64_t skip) = nullptr;
+  // `mask` is dense bool of x's shape.
+  Tensor (*masked_scatter)(const Tensor& x, const Tensor& mask, const Tensor& source) = nullptr;
+  std::vector<Tensor> (*masked_scatter_backward)(const Tensor& grad, const Tensor& mask, const Shape& source_shape,
+                                                 DType source_dtype) = nullptr;
+  void (*check_errors)(Device) = nullptr;
+};
+inline IndexCudaKernels& cuda_index_kernels() {
+  static IndexCudaKernels k;
+  return k;
+}
+
+// Throws tq::Error if a kernel on `device` met an out-of-range index (embedding ids,
+// index_select indices, masked_scatter positions beyond the source, cross_entropy targets) since
+// the last call, and clears the record. It waits for the current stream: call it where the host
+// synchronizes anyway (after a step, when reading the loss). A no-op for CPU devices and in
+// programs without the CUDA backend.
+inline void check_device_index_errors(Device device = Device::cuda()) {
+  if (!device.is_cuda() || cuda_index_kernels().check_errors == nullptr) return;
+  cuda_index_kernels().check_errors(device);
+}
 
 namespace detail {
 
@@ -35,10 +96,14 @@ inline DimSplit split_at(const Shape& shape, int64_t dim) {
 
 inline const char* bytes_of(const Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
 
-// Values of an integer index tensor (i64 or i32), checked to lie in [0, n).
-inline std::vector<int64_t> checked_indices(const char* op, const Tensor& index, int64_t n, const std::string& what) {
+inline void check_index_dtype(const char* op, const Tensor& index) {
   TQ_CHECK(index.dtype() == DType::i64 || index.dtype() == DType::i32, op, ": index must be i64 or i32, got ",
            describe(index));
+}
+
+// Values of an integer index tensor (i64 or i32), checked to lie in [0, n).
+inline std::vector<int64_t> checked_indices(const char* op, const Tensor& index, int64_t n, const std::string& what) {
+  check_index_dtype(op, index);
   std::vector<int64_t> v = index.to_vector<int64_t>();
   for (size_t k = 0; k < v.size(); ++k)
     TQ_CHECK(v[k] >= 0 && v[k] < n, op, ": index ", v[k], " (at position ", k, ") out of range for ", what, " of size ",
@@ -68,6 +133,17 @@ inline Tensor concat(const std::vector<Tensor>& tensors, int64_t dim) {
     TQ_CHECK(ok, "concat: shapes differ outside dimension ", dim, ": tensor 0 is ", describe(first), ", tensor ", i,
              " is ", describe(t));
     out_shape[dim] += t.shape()[dim];
+  }
+  if (first.device().is_cuda()) {
+    // Each input is copied into its slab of the output by the strided copy kernels (one launch per
+    // input; the KV cache's dim-2 concat moves 16-byte runs of D).
+    Tensor out = Tensor::empty(out_shape, first.dtype(), first.device());
+    int64_t at = 0;
+    for (const Tensor& t : tensors) {
+      out.narrow(dim, at, t.shape()[dim]).copy_(t.detach());
+      at += t.shape()[dim];
+    }
+    return out;
   }
   require_cpu("concat", first);
   Tensor out = Tensor::empty(out_shape, first.dtype());
@@ -124,10 +200,14 @@ inline std::vector<Tensor> stack_backward(const Tensor& grad_out, int64_t count,
 // out[..., k, ...] = x[..., index[k], ...] along dim; index is 1-D (or 0-D) i64/i32.
 inline Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
   require_same_device("index_select", x, index);
-  require_cpu("index_select", x, index);
   TQ_CHECK(index.dim() <= 1, "index_select: index must be 1-D, got ", describe(index));
   TQ_CHECK(x.dim() > 0, "index_select: cannot index a zero-dimensional tensor ", describe(x));
   dim = wrap_dim(dim, x.dim(), "index_select");
+  if (x.device().is_cuda()) {
+    detail::check_index_dtype("index_select", index);
+    return call_cuda(cuda_index_kernels().gather, "index_select", IndexOp::index_select, x, dim, index);
+  }
+  require_cpu("index_select", x, index);
   const auto idx = detail::checked_indices("index_select", index, x.shape()[dim], str_cat("dimension ", dim, " of ", describe(x)));
   Shape out_shape = x.shape();
   out_shape[dim] = int64_t(idx.size());
@@ -147,8 +227,18 @@ inline Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
 // gx = zeros(x_shape) with grad_out's slices added at their indices (repeats accumulate).
 inline Tensor index_select_backward(const Tensor& grad_out, const Shape& x_shape, DType x_dtype, int64_t dim,
                                     const Tensor& index) {
-  require_cpu("index_select backward", grad_out, index);
+  require_same_device("index_select backward", grad_out, index);
   dim = wrap_dim(dim, int64_t(x_shape.size()), "index_select backward");
+  if (grad_out.device().is_cuda()) {
+    detail::check_index_dtype("index_select backward", index);
+    TQ_CHECK(is_floating(x_dtype), "index_select backward: the input must be a float tensor, got ", dtype_name(x_dtype));
+    Shape gs = x_shape;
+    gs[size_t(dim)] = index.numel();
+    TQ_CHECK(grad_out.shape() == gs, "index_select backward: gradient ", describe(grad_out), " does not match ", gs);
+    return call_cuda(cuda_index_kernels().scatter_add, "index_select backward", IndexOp::index_select_backward,
+                     grad_out, x_shape, x_dtype, dim, index, int64_t(-1));
+  }
+  require_cpu("index_select backward", grad_out, index);
   const auto idx = detail::checked_indices("index_select backward", index, x_shape[dim], "the input");
   const DType ct = compute_dtype(x_dtype);
   Tensor gc = dense(grad_out, ct);
@@ -185,9 +275,15 @@ inline Tensor dense_mask(const char* op, const Tensor& mask, const Tensor& x) {
 // out = x with the mask's true positions (row-major) filled by source's elements in order.
 inline Tensor masked_scatter(const Tensor& x, const Tensor& mask, const Tensor& source) {
   require_same_device("masked_scatter", x, mask, source);
-  require_cpu("masked_scatter", x, mask, source);
   TQ_CHECK(source.dtype() == x.dtype(), "masked_scatter: source ", describe(source), " must have the input's dtype, ",
            describe(x));
+  if (x.device().is_cuda()) {
+    // The true-position count lives on the device: positions beyond the source are reported
+    // through check_device_index_errors() instead of here.
+    Tensor m = detail::dense_mask("masked_scatter", mask, x);
+    return call_cuda(cuda_index_kernels().masked_scatter, "masked_scatter", x, m, source);
+  }
+  require_cpu("masked_scatter", x, mask, source);
   Tensor m = detail::dense_mask("masked_scatter", mask, x);
   const bool* pm = m.data<bool>();
   const int64_t n = x.numel();
@@ -209,6 +305,15 @@ inline Tensor masked_scatter(const Tensor& x, const Tensor& mask, const Tensor& 
 // true position (elements of source beyond the mask's count get 0).
 inline std::vector<Tensor> masked_scatter_backward(const Tensor& grad_out, const Tensor& mask, const Shape& source_shape,
                                                    DType source_dtype) {
+  require_same_device("masked_scatter backward", grad_out, mask);
+  if (grad_out.device().is_cuda()) {
+    require_float("masked_scatter backward", grad_out);
+    TQ_CHECK(is_floating(source_dtype), "masked_scatter backward: the source must be a float tensor, got ",
+             dtype_name(source_dtype));
+    Tensor m = detail::dense_mask("masked_scatter backward", mask, grad_out);
+    return call_cuda(cuda_index_kernels().masked_scatter_backward, "masked_scatter backward", grad_out, m, source_shape,
+                     source_dtype);
+  }
   require_cpu("masked_scatter backward", grad_out, mask);
   Tensor m = detail::dense_mask("masked_scatter backward", mask, grad_out);
   const DType ct = compute_dtype(grad_out.dtype());

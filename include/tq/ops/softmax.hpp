@@ -18,6 +18,17 @@ namespace tq {
 
 namespace ops {
 
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/softmax.cuh); empty in a CPU-only
+// program. `dim` arrives wrapped (non-negative).
+struct SoftmaxCudaKernels {
+  Tensor (*forward)(const Tensor& x, int64_t dim, bool log) = nullptr;
+  Tensor (*backward)(const Tensor& grad_out, const Tensor& y, int64_t dim, bool log) = nullptr;
+};
+inline SoftmaxCudaKernels& cuda_softmax_kernels() {
+  static SoftmaxCudaKernels k;
+  return k;
+}
+
 namespace detail {
 
 template <class C>
@@ -63,9 +74,10 @@ void softmax_backward_rows(const C* g, const C* y, C* gx, DimSplit s, bool log) 
 // y = softmax(x) (or log_softmax) along `dim`, in x's dtype.
 inline Tensor softmax(const Tensor& x, int64_t dim, bool log = false) {
   const char* op = log ? "log_softmax" : "softmax";
-  require_cpu(op, x);
   require_float(op, x);
   dim = wrap_dim(dim, std::max<int64_t>(x.dim(), 1), op);
+  if (x.device().is_cuda()) return call_cuda(cuda_softmax_kernels().forward, op, x, dim, log);
+  require_cpu(op, x);
   const DType ct = compute_dtype(x.dtype());
   Tensor xc = dense(x, ct);
   Tensor y = Tensor::empty(x.shape(), ct);
@@ -78,10 +90,11 @@ inline Tensor softmax(const Tensor& x, int64_t dim, bool log = false) {
 inline Tensor softmax_backward(const Tensor& grad_out, const Tensor& y, int64_t dim, bool log = false) {
   const char* op = log ? "log_softmax backward" : "softmax backward";
   require_same_device(op, grad_out, y);
-  require_cpu(op, grad_out, y);
   require_float(op, grad_out, y);
   TQ_CHECK(grad_out.shape() == y.shape(), op, ": gradient ", describe(grad_out), " does not match output ", describe(y));
   dim = wrap_dim(dim, std::max<int64_t>(y.dim(), 1), op);
+  if (y.device().is_cuda()) return call_cuda(cuda_softmax_kernels().backward, op, grad_out, y, dim, log);
+  require_cpu(op, grad_out, y);
   const DType ct = compute_dtype(y.dtype());
   Tensor gc = dense(grad_out, ct), yc = dense(y, ct);
   Tensor gx = Tensor::empty(y.shape(), ct);
