@@ -30,8 +30,6 @@ namespace tq::cuda {
 
 namespace attention {
 
-using ops::AttentionGeometry;
-
 // Calls f(std::integral_constant<int, D>) for the head dims that have tensor-core instances.
 template <class F>
 bool with_flash_head_dim(int64_t D, F&& f) {
@@ -59,51 +57,6 @@ inline Tensor dense_aligned(const Tensor& t) {
   Tensor c = t.detach().contiguous();
   if (!aligned_to(c.data_ptr(), 16)) c = c.detach().clone();
   return c;
-}
-
-// ---- masks ----
-
-// A mask tensor as dense i64 on `dev`. CPU tensors are checked like the CPU op checks them (0/1
-// values, prefix lengths in [0, Tk]) and uploaded; CUDA tensors are converted on the device, unread.
-inline Tensor mask_tensor_on(const Tensor& t, const AttentionGeometry& g, const char* what, Device dev) {
-  if (t.device().is_cuda()) return t.detach().to(DType::i64).contiguous();
-  if (t.dim() == 2) return Tensor::from_vector(ops::attention_binary_mask(t, g, what), t.shape()).to(dev);
-  std::vector<int64_t> len = ops::dense(t, DType::i64).to_vector<int64_t>();  // prefix_lengths (B)
-  for (size_t b = 0; b < len.size(); ++b)
-    TQ_CHECK(len[b] >= 0 && len[b] <= g.Tk, "scaled_dot_product_attention: prefix_lengths[", b, "] = ", len[b],
-             " is outside [0, Tk = ", g.Tk, "]");
-  return Tensor::from_vector(len, t.shape()).to(dev);
-}
-
-// The mask as the kernels see it; `keys` owns the per-key records.
-struct DeviceMask {
-  Tensor keys;  // (B, Tk, 2) i32, or undefined when no per-key data is needed
-  MaskParams params;
-};
-
-inline DeviceMask build_mask(const AttentionOptions& opt, const AttentionGeometry& g, Device dev, cudaStream_t stream) {
-  DeviceMask m;
-  m.params.Tk = int(g.Tk);
-  m.params.kind = g.mask;
-  m.params.window = g.window > 0 && g.window < g.Tk ? int(g.window) : 0;  // a window ≥ Tk hides nothing
-  m.params.offset = g.mask != AttentionMask::none || g.window > 0 ? int(g.offset) : 0;
-  const bool per_key = opt.key_padding.defined() || g.mask == AttentionMask::prefix_lm;
-  if (!per_key || g.B == 0 || g.Tk == 0) return m;
-  Tensor pad, types, lengths;
-  if (opt.key_padding.defined()) pad = mask_tensor_on(opt.key_padding, g, "key_padding", dev);
-  if (g.mask == AttentionMask::prefix_lm) {
-    if (opt.token_type_ids.defined()) types = mask_tensor_on(opt.token_type_ids, g, "token_type_ids", dev);
-    else lengths = mask_tensor_on(opt.prefix_lengths, g, "prefix_lengths", dev);
-  }
-  m.keys = Tensor::empty({g.B, g.Tk, 2}, DType::i32, dev);
-  Tensor run_last = Tensor::empty({g.B, g.Tk}, DType::i32, dev);
-  auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<const int64_t*>(t.data_ptr()) : nullptr; };
-  key_mask_kernel<<<unsigned(g.B), kMaskThreads, 0, stream>>>(static_cast<int2*>(m.keys.data_ptr()),
-                                                             static_cast<int*>(run_last.data_ptr()), ptr(pad),
-                                                             ptr(types), ptr(lengths), int(g.Tk));
-  check_launch();
-  m.params.keys = static_cast<const int2*>(m.keys.data_ptr());
-  return m;
 }
 
 inline Params make_params(const AttentionGeometry& g, const MaskParams& mask) {

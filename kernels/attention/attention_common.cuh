@@ -23,6 +23,8 @@
 
 namespace tq::cuda::attention {
 
+using ops::AttentionGeometry;
+
 inline constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- the mask as the kernels see it ----
@@ -94,12 +96,13 @@ __device__ __forceinline__ void key_range(const MaskParams& m, int b, const RowM
 // starts, chunk by chunk (carry between chunks); run_last (B, Tk) is scratch holding each run's
 // last position. Inputs: padding (B, Tk), types (B, Tk) or lengths (B), each i64 or nullptr.
 inline constexpr int kMaskThreads = 256;
-__global__ void __launch_bounds__(kMaskThreads) key_mask_kernel(int2* __restrict__ keys, int* __restrict__ run_last,
+template <int kThreads = kMaskThreads>  // a template so that several translation units may include it
+__global__ void __launch_bounds__(kThreads) key_mask_kernel(int2* __restrict__ keys, int* __restrict__ run_last,
                                                                 const int64_t* __restrict__ padding,
                                                                 const int64_t* __restrict__ types,
                                                                 const int64_t* __restrict__ lengths, int Tk) {
-  static_assert(kMaskThreads % 32 == 0 && kMaskThreads <= 1024);
-  constexpr int kWarps = kMaskThreads / 32;
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024);
+  constexpr int kWarps = kThreads / 32;
   __shared__ int warp_starts[kWarps];
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -109,7 +112,7 @@ __global__ void __launch_bounds__(kMaskThreads) key_mask_kernel(int2* __restrict
   const int64_t len = lengths ? lengths[b] : 0;
   auto is_prefix = [&](int x) -> bool { return tt ? tt[x] == 0 : x < len; };
   int carry = 0;  // run starts before this chunk
-  for (int c0 = 0; c0 < Tk; c0 += kMaskThreads) {
+  for (int c0 = 0; c0 < Tk; c0 += kThreads) {
     const int x = c0 + int(threadIdx.x);
     const bool in = x < Tk;
     const bool pre = in && is_prefix(x);
@@ -132,10 +135,55 @@ __global__ void __launch_bounds__(kMaskThreads) key_mask_kernel(int2* __restrict
     carry += total;
     __syncthreads();  // warp_starts is rewritten by the next chunk; run_last becomes visible
   }
-  for (int x = threadIdx.x; x < Tk; x += kMaskThreads) {  // same thread as the one that wrote row[x].x
+  for (int x = threadIdx.x; x < Tk; x += kThreads) {  // same thread as the one that wrote row[x].x
     const int run = run_of(row[x].x);
     row[x].y = run >= 0 ? last[run] + 1 : x + 1;
   }
+}
+
+// ---- the mask on the device (host side) ----
+
+// A mask tensor as dense i64 on `dev`. CPU tensors are checked like the CPU op checks them (0/1
+// values, prefix lengths in [0, Tk]) and uploaded; CUDA tensors are converted on the device, unread.
+inline Tensor mask_tensor_on(const Tensor& t, const AttentionGeometry& g, const char* what, Device dev) {
+  if (t.device().is_cuda()) return t.detach().to(DType::i64).contiguous();
+  if (t.dim() == 2) return Tensor::from_vector(ops::attention_binary_mask(t, g, what), t.shape()).to(dev);
+  std::vector<int64_t> len = ops::dense(t, DType::i64).to_vector<int64_t>();  // prefix_lengths (B)
+  for (size_t b = 0; b < len.size(); ++b)
+    TQ_CHECK(len[b] >= 0 && len[b] <= g.Tk, "scaled_dot_product_attention: prefix_lengths[", b, "] = ", len[b],
+             " is outside [0, Tk = ", g.Tk, "]");
+  return Tensor::from_vector(len, t.shape()).to(dev);
+}
+
+// The mask as the kernels see it; `keys` owns the per-key records.
+struct DeviceMask {
+  Tensor keys;  // (B, Tk, 2) i32, or undefined when no per-key data is needed
+  MaskParams params;
+};
+
+inline DeviceMask build_mask(const AttentionOptions& opt, const AttentionGeometry& g, Device dev, cudaStream_t stream) {
+  DeviceMask m;
+  m.params.Tk = int(g.Tk);
+  m.params.kind = g.mask;
+  m.params.window = g.window > 0 && g.window < g.Tk ? int(g.window) : 0;  // a window ≥ Tk hides nothing
+  m.params.offset = g.mask != AttentionMask::none || g.window > 0 ? int(g.offset) : 0;
+  const bool per_key = opt.key_padding.defined() || g.mask == AttentionMask::prefix_lm;
+  if (!per_key || g.B == 0 || g.Tk == 0) return m;
+  Tensor pad, types, lengths;
+  if (opt.key_padding.defined()) pad = mask_tensor_on(opt.key_padding, g, "key_padding", dev);
+  if (g.mask == AttentionMask::prefix_lm) {
+    if (opt.token_type_ids.defined()) types = mask_tensor_on(opt.token_type_ids, g, "token_type_ids", dev);
+    else lengths = mask_tensor_on(opt.prefix_lengths, g, "prefix_lengths", dev);
+  }
+  m.keys = Tensor::empty({g.B, g.Tk, 2}, DType::i32, dev);
+  Tensor run_last = Tensor::empty({g.B, g.Tk}, DType::i32, dev);
+  auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<const int64_t*>(t.data_ptr()) : nullptr; };
+  key_mask_kernel<kMaskThreads><<<unsigned(g.B), kMaskThreads, 0, stream>>>(
+      static_cast<int2*>(m.keys.data_ptr()), static_cast<int*>(run_last.data_ptr()), ptr(pad), ptr(types),
+      ptr(lengths), int(g.Tk));
+  check_launch();
+  m.params.keys = static_cast<const int2*>(m.keys.data_ptr());
+  return m;
 }
 
 // ---- PTX wrappers (sm_80+) ----
