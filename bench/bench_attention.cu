@@ -1,16 +1,20 @@
 // Fused attention (ours: kernels/attention/, through ops::attention_forward_cuda / _backward_cuda)
 // vs a composite built from cuBLAS, forward and forward+backward, bf16, same process, same inputs.
 //
-// The composite is what an eager framework runs: per (batch, KV head) group, with the query heads
-// of the group stacked as rows (GQA/MQA without repeating K/V), cublasGemmStridedBatchedEx for
+// The composites run cublasGemmStridedBatchedEx for
 //   S = Q·Kᵀ, O = P·V, and backward dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q,
 // bf16 matrices with fp32 accumulation, plus the softmax and softmax-backward kernels below (fp32
-// math, the op's scale/softcap/mask, using the same per-key mask records as ours).
+// math, the op's scale/softcap/mask, using the same per-key mask records as ours), in two layouts:
+//   stacked:  one GEMM per (batch, KV head) with the query heads of the group stacked as rows (GQA/MQA
+//             without repeating K/V; dK/dV come out summed) — the strongest composite;
+//   per_head: HF eager: K/V repeated to every query head (repeat_kv), one GEMM per (batch, query
+//             head), dK/dV summed over the group afterwards (both extra kernels are timed).
 //
 // Shapes: Gemma (PaliGemma 1: batch 16, 286 tokens, 8 query heads, 1 KV head, d 256, prefix-LM from
 // token types + key padding), SigLIP (batch 16, 16 heads, 256 tokens, d 72, no mask), Gemma decode
 // (one query against 350 cached keys, forward only). Counters: median microseconds of each and the
-// speedup composite / ours. Acceptance: ≥ 2× at the Gemma shape (forward + backward).
+// speedup composite / ours, for both composites. Acceptance: ≥ 2× at the Gemma shape (forward +
+// backward).
 //
 // Run: build/bin/tq_bench --benchmark_filter=attention
 #include <benchmark/benchmark.h>
@@ -19,16 +23,46 @@
 #include <algorithm>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kernels/attention/attention_common.cuh>
-#include <tests/cuda/gemm_test_util.cuh>
 
 namespace {
 
 using namespace tq;
 using tq::cuda::attention::MaskParams;
-using tq::testing::DevBuf;
+
+// A device buffer of raw bytes (the composite's intermediates).
+class DevBuf {
+ public:
+  explicit DevBuf(size_t bytes) : bytes_(bytes) {
+    if (bytes) TQ_CUDA_CHECK(cudaMalloc(&p_, bytes));
+  }
+  ~DevBuf() {
+    if (p_) (void)cudaFree(p_);
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  template <class T = void>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Uniform in [−1, 1), rounded to bf16; a different stream of values per seed.
+__global__ void fill_uniform_kernel(__nv_bfloat16* p, int64_t n, uint64_t seed) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + uint64_t(i);
+    x ^= x >> 33, x *= 0xff51afd7ed558ccdull, x ^= x >> 33, x *= 0xc4ceb9fe1a85ec53ull, x ^= x >> 33;
+    p[i] = __float2bfloat16(float(uint32_t(x)) * (2.0f / 4294967296.0f) - 1.0f);
+  }
+}
 
 struct Shape4 {
   const char* name;
@@ -40,15 +74,16 @@ struct Shape4 {
 // ---- the composite's softmax kernels: one warp per row of the (rows, Tk) score matrix ----
 
 struct RowInfo {
-  int64_t M;  // stacked rows per (batch, KV head) group = Hq / Hkv · Tq
-  int Tq, Hkv;
+  int64_t M;             // rows per GEMM batch entry: Hq / Hkv · Tq (stacked) or Tq (per head)
+  int Tq;
+  int entries_per_batch;  // GEMM batch entries per batch row: Hkv (stacked) or Hq (per head)
   float scale, softcap;
   MaskParams mask;
 };
 
 __device__ tq::cuda::attention::RowMask row_of(const RowInfo& ri, int64_t r, int& b) {
   const int64_t group = r / ri.M;
-  b = int(group / ri.Hkv);
+  b = int(group / ri.entries_per_batch);
   return tq::cuda::attention::row_mask(ri.mask, b, int((r % ri.M) % ri.Tq));
 }
 
@@ -129,43 +164,89 @@ cublasHandle_t cublas() {
   return h;
 }
 
-// The composite's buffers for one shape.
-struct Composite {
-  int64_t groups, M, Tk, D;
-  DevBuf S, P, dP, dS, O, dQ, dK, dV;
-  Composite(const Shape4& s)
-      : groups(s.B * s.Hkv), M(s.Hq / s.Hkv * s.Tq), Tk(s.Tk), D(s.D),
-        S(size_t(groups * M * Tk) * 2), P(S.bytes()), dP(S.bytes()), dS(S.bytes()), O(size_t(groups * M * D) * 2),
-        dQ(O.bytes()), dK(size_t(groups * Tk * D) * 2), dV(dK.bytes()) {}
-
-  void forward(const Tensor& q, const Tensor& k, const Tensor& v, const RowInfo& ri, cudaStream_t st) {
-    cublasHandle_t h = cublas();
-    cublasSetStream(h, st);
-    const int g = int(groups), m = int(M), n = int(Tk), d = int(D);
-    gemm_rm(h, false, true, m, n, d, q.data_ptr(), d, M * D, k.data_ptr(), d, Tk * D, S.as(), n, M * Tk, g);
-    softmax_forward_kernel<<<unsigned((groups * M + 7) / 8), 256, 0, st>>>(S.as<__nv_bfloat16>(),
-                                                                         P.as<__nv_bfloat16>(), groups * M, n, ri);
-    TQ_CUDA_CHECK_LAUNCH();
-    gemm_rm(h, false, false, m, d, n, P.as(), n, M * Tk, v.data_ptr(), d, Tk * D, O.as(), d, M * D, g);
+// dst (B, Hkv, Tk, D) = Σ_r src (B, Hkv · rep, Tk, D) over the rep query heads of each KV head.
+__global__ void sum_over_group_kernel(const __nv_bfloat16* __restrict__ src, __nv_bfloat16* __restrict__ dst,
+                                      int64_t n, int64_t per_head, int rep) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t kv = i / per_head, e = i % per_head;
+    float s = 0.f;
+    for (int r = 0; r < rep; ++r) s += __bfloat162float(src[(kv * rep + r) * per_head + e]);
+    dst[i] = __float2bfloat16(s);
   }
-  void backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const RowInfo& ri,
-                cudaStream_t st) {
+}
+
+// One composite: its layout and buffers for one shape.
+struct Composite {
+  bool stacked;
+  int64_t B, Hq, Hkv, Tq, Tk, D, rep;
+  int64_t entries, M;  // GEMM batch count and rows per entry
+  DevBuf S, P, dP, dS, O, dQ, dK, dV, dK_heads, dV_heads;
+  Tensor k_heads, v_heads;  // per_head: K, V repeated to (B, Hq, Tk, D)
+  RowInfo ri;
+
+  Composite(const Shape4& s, bool stacked_, const RowInfo& base)
+      : stacked(stacked_), B(s.B), Hq(s.Hq), Hkv(s.Hkv), Tq(s.Tq), Tk(s.Tk), D(s.D), rep(s.Hq / s.Hkv),
+        entries(stacked_ ? s.B * s.Hkv : s.B * s.Hq), M(stacked_ ? rep * s.Tq : s.Tq),
+        S(size_t(entries * M * Tk) * 2), P(S.bytes()), dP(S.bytes()), dS(S.bytes()), O(size_t(entries * M * D) * 2),
+        dQ(O.bytes()), dK(size_t(B * Hkv * Tk * D) * 2), dV(dK.bytes()),
+        dK_heads(stacked_ ? 0 : size_t(entries * Tk * D) * 2), dV_heads(dK_heads.bytes()), ri(base) {
+    ri.M = M;
+    ri.entries_per_batch = int(entries / B);
+  }
+
+  // K and V as the GEMMs read them: as given (stacked, or plain MHA), else repeated per query head.
+  void prepare_kv(const Tensor& k, const Tensor& v) {
+    if (stacked || rep == 1) return;
+    k_heads = k.unsqueeze(2).expand({B, Hkv, rep, Tk, D}).reshape({B, Hq, Tk, D});
+    v_heads = v.unsqueeze(2).expand({B, Hkv, rep, Tk, D}).reshape({B, Hq, Tk, D});
+  }
+  const void* kk(const Tensor& k) const { return k_heads.defined() ? k_heads.data_ptr() : k.data_ptr(); }
+  const void* vv(const Tensor& v) const { return v_heads.defined() ? v_heads.data_ptr() : v.data_ptr(); }
+
+  void forward(const Tensor& q, const Tensor& k, const Tensor& v, cudaStream_t st) {
     cublasHandle_t h = cublas();
     cublasSetStream(h, st);
-    const int g = int(groups), m = int(M), n = int(Tk), d = int(D);
-    gemm_rm(h, true, false, n, d, m, P.as(), n, M * Tk, dout.data_ptr(), d, M * D, dV.as(), d, Tk * D, g);
-    gemm_rm(h, false, true, m, n, d, dout.data_ptr(), d, M * D, v.data_ptr(), d, Tk * D, dP.as(), n, M * Tk, g);
-    softmax_backward_kernel<<<unsigned((groups * M + 7) / 8), 256, 0, st>>>(
-        S.as<__nv_bfloat16>(), P.as<__nv_bfloat16>(), dP.as<__nv_bfloat16>(), dS.as<__nv_bfloat16>(), groups * M, n, ri);
+    prepare_kv(k, v);
+    const int g = int(entries), m = int(M), n = int(Tk), d = int(D);
+    gemm_rm(h, false, true, m, n, d, q.data_ptr(), d, M * D, kk(k), d, Tk * D, S.as(), n, M * Tk, g);
+    softmax_forward_kernel<<<unsigned((entries * M + 7) / 8), 256, 0, st>>>(S.as<__nv_bfloat16>(),
+                                                                          P.as<__nv_bfloat16>(), entries * M, n, ri);
     TQ_CUDA_CHECK_LAUNCH();
-    gemm_rm(h, false, false, m, d, n, dS.as(), n, M * Tk, k.data_ptr(), d, Tk * D, dQ.as(), d, M * D, g);
-    gemm_rm(h, true, false, n, d, m, dS.as(), n, M * Tk, q.data_ptr(), d, M * D, dK.as(), d, Tk * D, g);
+    gemm_rm(h, false, false, m, d, n, P.as(), n, M * Tk, vv(v), d, Tk * D, O.as(), d, M * D, g);
+  }
+  void backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, cudaStream_t st) {
+    cublasHandle_t h = cublas();
+    cublasSetStream(h, st);
+    const int g = int(entries), m = int(M), n = int(Tk), d = int(D);
+    const bool sum = !stacked && rep > 1;
+    void* dv_out = sum ? dV_heads.as() : dV.as();
+    void* dk_out = sum ? dK_heads.as() : dK.as();
+    gemm_rm(h, true, false, n, d, m, P.as(), n, M * Tk, dout.data_ptr(), d, M * D, dv_out, d, Tk * D, g);
+    gemm_rm(h, false, true, m, n, d, dout.data_ptr(), d, M * D, vv(v), d, Tk * D, dP.as(), n, M * Tk, g);
+    softmax_backward_kernel<<<unsigned((entries * M + 7) / 8), 256, 0, st>>>(
+        S.as<__nv_bfloat16>(), P.as<__nv_bfloat16>(), dP.as<__nv_bfloat16>(), dS.as<__nv_bfloat16>(), entries * M, n,
+        ri);
+    TQ_CUDA_CHECK_LAUNCH();
+    gemm_rm(h, false, false, m, d, n, dS.as(), n, M * Tk, kk(k), d, Tk * D, dQ.as(), d, M * D, g);
+    gemm_rm(h, true, false, n, d, m, dS.as(), n, M * Tk, q.data_ptr(), d, M * D, dk_out, d, Tk * D, g);
+    if (sum) {
+      const int64_t total = B * Hkv * Tk * D;
+      for (auto [src, dst] : {std::pair{dV_heads.as<__nv_bfloat16>(), dV.as<__nv_bfloat16>()},
+                              std::pair{dK_heads.as<__nv_bfloat16>(), dK.as<__nv_bfloat16>()}}) {
+        sum_over_group_kernel<<<unsigned(std::min<int64_t>((total + 255) / 256, 4096)), 256, 0, st>>>(
+            src, dst, total, Tk * D, int(rep));
+        TQ_CUDA_CHECK_LAUNCH();
+      }
+    }
   }
 };
 
 Tensor random_bf16(const tq::Shape& shape) {
+  static uint64_t seed = 0x5eed;
   Tensor t = Tensor::empty(shape, DType::bf16, Device::cuda(0));
-  tq::testing::fill_bf16(t.data_ptr(), size_t(t.numel()), tq::testing::fresh_seed());
+  fill_uniform_kernel<<<1024, 256, 0, tq::cuda::current_stream()>>>(static_cast<__nv_bfloat16*>(t.data_ptr()),
+                                                                    t.numel(), ++seed);
+  TQ_CUDA_CHECK_LAUNCH();
   return t;
 }
 
@@ -186,7 +267,7 @@ AttentionOptions gemma_options(const Shape4& s) {
 }
 
 // Median seconds per call of fn over the timed iterations (CUDA events on the current stream).
-double median_time(benchmark::State& state, cudaStream_t st, const std::function<void()>& fn, int reps) {
+double median_time(cudaStream_t st, const std::function<void()>& fn, int reps) {
   for (int i = 0; i < 3; ++i) fn();  // warm-up: module load, kernel attributes, pool growth
   TQ_CUDA_CHECK(cudaStreamSynchronize(st));
   cudaEvent_t e0, e1;
@@ -205,12 +286,11 @@ double median_time(benchmark::State& state, cudaStream_t st, const std::function
   TQ_CUDA_CHECK(cudaEventDestroy(e0));
   TQ_CUDA_CHECK(cudaEventDestroy(e1));
   std::sort(t.begin(), t.end());
-  (void)state;
   return t[t.size() / 2];
 }
 
 void run_attention(benchmark::State& state, const Shape4& s) {
-  if (!tq::testing::gpu_present()) {
+  if (tq::cuda::device_count() == 0) {
     state.SkipWithError("no CUDA device");
     return;
   }
@@ -220,32 +300,38 @@ void run_attention(benchmark::State& state, const Shape4& s) {
   const AttentionOptions opt = s.gemma_mask ? gemma_options(s) : AttentionOptions{};
   const ops::AttentionGeometry g = ops::attention_geometry(q, k, v, opt);
   const tq::cuda::attention::DeviceMask mask = tq::cuda::attention::build_mask(opt, g, q.device(), st);
-  const RowInfo ri{s.Hq / s.Hkv * s.Tq, int(s.Tq), int(s.Hkv), float(g.scale), float(g.softcap), mask.params};
-  Composite comp(s);
+  const RowInfo ri{0, int(s.Tq), 0, float(g.scale), float(g.softcap), mask.params};
+  Composite stacked(s, true, ri), per_head(s, false, ri);
 
   auto ours_fwd = [&] { (void)ops::attention_forward_cuda(q, k, v, opt); };
   auto ours_all = [&] {
     const std::vector<Tensor> fw = ops::attention_forward_cuda(q, k, v, opt);
     (void)ops::attention_backward_cuda(dout, q, k, v, fw[0], fw[1], opt);
   };
-  auto comp_fwd = [&] { comp.forward(q, k, v, ri, st); };
-  auto comp_all = [&] {
-    comp.forward(q, k, v, ri, st);
-    comp.backward(q, k, v, dout, ri, st);
-  };
   const int reps = 20;
   for (auto _ : state) {
-    const double of = median_time(state, st, ours_fwd, reps), cf = median_time(state, st, comp_fwd, reps);
+    const double of = median_time(st, ours_fwd, reps);
     state.counters["tq_fwd_us"] = of * 1e6;
-    state.counters["cublas_fwd_us"] = cf * 1e6;
-    state.counters["speedup_fwd"] = cf / of;
     double total = of;
+    double oa = 0;
     if (s.backward) {
-      const double oa = median_time(state, st, ours_all, reps), ca = median_time(state, st, comp_all, reps);
+      oa = median_time(st, ours_all, reps);
       state.counters["tq_fwd_bwd_us"] = oa * 1e6;
-      state.counters["cublas_fwd_bwd_us"] = ca * 1e6;
-      state.counters["speedup_fwd_bwd"] = ca / oa;
       total = oa;
+    }
+    for (Composite* c : {&stacked, &per_head}) {
+      const std::string name = c->stacked ? "stacked" : "per_head";
+      const double cf = median_time(st, [&] { c->forward(q, k, v, st); }, reps);
+      state.counters["cublas_" + name + "_fwd_us"] = cf * 1e6;
+      state.counters["speedup_fwd_vs_" + name] = cf / of;
+      if (s.backward) {
+        const double ca = median_time(st, [&] {
+          c->forward(q, k, v, st);
+          c->backward(q, k, v, dout, st);
+        }, reps);
+        state.counters["cublas_" + name + "_fwd_bwd_us"] = ca * 1e6;
+        state.counters["speedup_fwd_bwd_vs_" + name] = ca / oa;
+      }
     }
     state.SetIterationTime(total);
   }

@@ -342,6 +342,40 @@ TEST(GpuAttention, FullyMaskedRowsAreZero) {
     }
 }
 
+// Prefix runs are numbered by a block scan in chunks of 256 keys: many short runs over several chunks.
+TEST(GpuAttention, PrefixRunsAcrossScanChunks) {
+  TQ_REQUIRE_GPU();
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Case c;
+    c.kind = Kind::prefix_padding, c.B = 2, c.Hq = 2, c.Hkv = 1, c.Tq = 40, c.Tk = 700, c.D = c.Dv = 72;
+    SCOPED_TRACE(describe_case(c, dt));
+    AttentionOptions opt = options_for(c);
+    std::vector<int64_t> types;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t x = 0; x < c.Tk; ++x) types.push_back(pick(0, 2) == 0 ? 1 : 0);  // runs of ~3 prefix tokens
+    types[size_t(255)] = types[size_t(256)] = types[size_t(257)] = 0;  // a run across the first chunk edge
+    opt.token_type_ids = Tensor::from_vector(types, {c.B, c.Tk});
+    opt.query_offset = c.Tk - c.Tq - 3;
+    Tensor q = rnd({c.B, c.Hq, c.Tq, c.D}, dt), k = rnd({c.B, c.Hkv, c.Tk, c.D}, dt), v = rnd({c.B, c.Hkv, c.Tk, c.Dv}, dt);
+    Tensor dout = rnd({c.B, c.Hq, c.Tq, c.Dv}, dt);
+    const Result ref = cpu_reference(q, k, v, dout, opt);
+    const Result got = gpu_autograd(q, k, v, dout, on_device(opt));
+    EXPECT_TRUE(matches(got.out, ref.out, dt)) << "out";
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(matches(got.grads[size_t(i)], ref.grads[size_t(i)], dt)) << "grad " << i;
+  }
+}
+
+// Without a positional mask the queries need no position: more queries than keys is fine.
+TEST(GpuAttention, MoreQueriesThanKeysWithoutPositionalMask) {
+  TQ_REQUIRE_GPU();
+  for (DType dt : {DType::f32, DType::bf16})
+    for (Kind kind : {Kind::none, Kind::padding}) {
+      Case c;
+      c.kind = kind, c.B = 2, c.Hq = 4, c.Hkv = 2, c.Tq = 70, c.Tk = 5, c.D = c.Dv = 72;
+      check_case(c, dt, kind == Kind::padding);
+    }
+}
+
 // Host and device masks give the same forward bit for bit (the same kernels on the same key records).
 TEST(GpuAttention, DeviceMasksEqualHostMasks) {
   TQ_REQUIRE_GPU();
