@@ -28,6 +28,12 @@
 //
 // Invariants: the (Tq, Tk) probability matrix is never materialized; the backward recomputes each
 // row's probabilities from q and k (flash-attention style), so only q, k, v and the options are saved.
+//
+// CUDA: when q is on CUDA the op runs the kernels of kernels/attention/ through
+// ops::cuda_attention_kernels(). The forward also returns each row's log-sum-exp, which the autograd
+// node saves with the output (the backward recomputes P from q, k and lse). Mask tensors may live on
+// the CPU (validated here, then uploaded) or on q's device (never read by the host: a CUDA mask is
+// taken as nonzero = 1 and prefix_lengths is clamped to [0, Tk] instead of being checked).
 #pragma once
 
 #include <cmath>
@@ -35,6 +41,7 @@
 #include <optional>
 
 #include "tq/ops/cpu_util.hpp"
+#include "tq/ops/elementwise.hpp"
 
 namespace tq {
 
@@ -128,11 +135,11 @@ inline std::vector<int64_t> attention_prefix_runs(const AttentionOptions& opt, c
   return run;
 }
 
-// Validates every argument and resolves the options; throws tq::Error naming what is wrong.
-inline AttentionMaskPlan attention_plan(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
+// Validates shapes, dtypes and options and resolves them, without reading any tensor's data (the CUDA
+// path runs on this alone); throws tq::Error naming what is wrong.
+inline AttentionGeometry attention_geometry(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
   const char* op = "scaled_dot_product_attention";
   require_same_device(op, q, k, v);
-  require_cpu(op, q, k, v);
   require_float(op, q, k, v);
   TQ_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be (B, H, T, D), got ", describe(q), ", ",
            describe(k), ", ", describe(v));
@@ -158,8 +165,46 @@ inline AttentionMaskPlan attention_plan(const Tensor& q, const Tensor& k, const 
              ") must lie inside the Tk = ", g.Tk, " key positions for positional masks");
   TQ_CHECK(g.mask == AttentionMask::prefix_lm || (!opt.token_type_ids.defined() && !opt.prefix_lengths.defined()), op,
            ": token_type_ids / prefix_lengths are only used by the prefix_lm mask; set mask = prefix_lm");
+  return g;
+}
+
+// Shapes and devices of the mask tensors (CPU or `device`), for paths that do not read them on the host.
+inline void attention_check_mask_tensors(const AttentionOptions& opt, const AttentionGeometry& g, Device device) {
+  const char* op = "scaled_dot_product_attention";
+  auto on_host_or = [&](const Tensor& t, const char* what) {
+    TQ_CHECK(t.device().is_cpu() || t.device() == device, op, ": ", what, " must be on the CPU or on ", device.str(),
+             ", got ", describe(t));
+  };
+  if (opt.key_padding.defined()) {
+    const Tensor& t = opt.key_padding;
+    TQ_CHECK(t.dim() == 2 && t.size(0) == g.B && t.size(1) == g.Tk, op, ": key_padding must be (B, Tk) = [", g.B,
+             ", ", g.Tk, "], got ", describe(t));
+    on_host_or(t, "key_padding");
+  }
+  if (g.mask != AttentionMask::prefix_lm) return;
+  const bool by_type = opt.token_type_ids.defined(), by_len = opt.prefix_lengths.defined();
+  TQ_CHECK(by_type != by_len, op, ": the prefix_lm mask needs exactly one of token_type_ids and prefix_lengths, got ",
+           describe(opt.token_type_ids), " and ", describe(opt.prefix_lengths));
+  if (by_type) {
+    const Tensor& t = opt.token_type_ids;
+    TQ_CHECK(t.dim() == 2 && t.size(0) == g.B && t.size(1) == g.Tk, op, ": token_type_ids must be (B, Tk) = [", g.B,
+             ", ", g.Tk, "], got ", describe(t));
+    on_host_or(t, "token_type_ids");
+  } else {
+    const Tensor& t = opt.prefix_lengths;
+    TQ_CHECK(t.dim() == 1 && t.size(0) == g.B, op, ": prefix_lengths must be (B) = [", g.B, "], got ", describe(t));
+    on_host_or(t, "prefix_lengths");
+  }
+}
+
+// Validates every argument, resolves the options and reads the masks (CPU tensors only).
+inline AttentionMaskPlan attention_plan(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
+  const char* op = "scaled_dot_product_attention";
+  require_same_device(op, q, k, v);
+  require_cpu(op, q, k, v);
   AttentionMaskPlan plan;
-  plan.g = g;
+  plan.g = attention_geometry(q, k, v, opt);
+  const AttentionGeometry& g = plan.g;
   plan.valid.assign(size_t(g.B * g.Tk), 1);
   if (opt.key_padding.defined()) {
     std::vector<int64_t> kp = attention_binary_mask(opt.key_padding, g, "key_padding");
@@ -167,6 +212,45 @@ inline AttentionMaskPlan attention_plan(const Tensor& q, const Tensor& k, const 
   }
   if (g.mask == AttentionMask::prefix_lm) plan.run = attention_prefix_runs(opt, g);
   return plan;
+}
+
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/attention/attention.cuh); arguments arrive
+// validated (attention_geometry, attention_check_mask_tensors) and on one CUDA device.
+struct AttentionCudaKernels {
+  // {out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq)}: lse is each row's log-sum-exp of its visible
+  // logits (after softcap), f32 (f64 for f64 inputs), −inf where the row sees no key.
+  std::vector<Tensor> (*forward)(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt,
+                                 const AttentionGeometry& g) = nullptr;
+  // {dq, dk, dv} in the dtype of q from dout and the forward's out and lse (P is recomputed from q, k, lse).
+  std::vector<Tensor> (*backward)(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, const AttentionOptions& opt,
+                                  const AttentionGeometry& g) = nullptr;
+};
+inline AttentionCudaKernels& cuda_attention_kernels() {
+  static AttentionCudaKernels k;
+  return k;
+}
+
+// The CUDA forward: validates on the host, then {out, lse}.
+inline std::vector<Tensor> attention_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const AttentionOptions& opt) {
+  const AttentionGeometry g = attention_geometry(q, k, v, opt);
+  attention_check_mask_tensors(opt, g, q.device());
+  return call_cuda(cuda_attention_kernels().forward, "scaled_dot_product_attention", q, k, v, opt, g);
+}
+
+// The CUDA backward from a saved forward (out, lse).
+inline std::vector<Tensor> attention_backward_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                   const AttentionOptions& opt) {
+  const AttentionGeometry g = attention_geometry(q, k, v, opt);
+  attention_check_mask_tensors(opt, g, q.device());
+  require_same_device("scaled_dot_product_attention backward", q, dout, out, lse);
+  TQ_CHECK(dout.shape() == Shape({g.B, g.Hq, g.Tq, g.Dv}), "scaled_dot_product_attention backward: gradient ",
+           describe(dout), " does not match the output shape ", Shape({g.B, g.Hq, g.Tq, g.Dv}));
+  require_float("scaled_dot_product_attention backward", dout);
+  return call_cuda(cuda_attention_kernels().backward, "scaled_dot_product_attention backward", dout, q, k, v, out, lse,
+                   opt, g);
 }
 
 // One query row: fills s[j] = scale·q·k_j and p[j] = softmax probability (0 for hidden keys).
@@ -203,6 +287,7 @@ bool attention_row_probs(const AttentionMaskPlan& plan, int64_t b, int64_t pos, 
 
 // Pure forward on CPU tensors; out (B, Hq, Tq, Dv) in q's dtype.
 inline Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt = {}) {
+  if (q.device().is_cuda()) return attention_forward_cuda(q, k, v, opt)[0];
   const AttentionMaskPlan plan = attention_plan(q, k, v, opt);
   const AttentionGeometry& g = plan.g;
   const DType ct = compute_dtype(q.dtype());
@@ -286,6 +371,10 @@ void attention_backward_group(const AttentionMaskPlan& plan, int64_t b, int64_t 
 // Pure backward: {dq, dk, dv} in the dtypes of q, k, v, from dout (B, Hq, Tq, Dv).
 inline std::vector<Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                               const AttentionOptions& opt = {}) {
+  if (q.device().is_cuda()) {  // no saved forward here: recompute out and lse first
+    const std::vector<Tensor> fw = attention_forward_cuda(q, k, v, opt);
+    return attention_backward_cuda(dout, q, k, v, fw[0], fw[1], opt);
+  }
   const AttentionMaskPlan plan = attention_plan(q, k, v, opt);
   const AttentionGeometry& g = plan.g;
   require_cpu("scaled_dot_product_attention backward", dout);
@@ -312,11 +401,25 @@ inline std::vector<Tensor> attention_backward(const Tensor& dout, const Tensor& 
 inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const AttentionOptions& opt = {}) {
   Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
-  Tensor out = ops::attention_forward(qd, kd, vd, opt);
   // Masks are copied so that in-place edits by the caller before backward cannot change it.
   AttentionOptions saved = opt;
-  for (Tensor* t : {&saved.token_type_ids, &saved.prefix_lengths, &saved.key_padding})
-    if (t->defined()) *t = t->detach().clone();
+  auto save_masks = [&] {
+    for (Tensor* t : {&saved.token_type_ids, &saved.prefix_lengths, &saved.key_padding})
+      if (t->defined()) *t = t->detach().clone();
+  };
+  if (qd.device().is_cuda()) {
+    // The node keeps the output (detached: no cycle through its own grad_fn) and the per-row lse,
+    // so the backward only recomputes P. Editing the output in place before backward is not allowed.
+    const std::vector<Tensor> fw = ops::attention_forward_cuda(qd, kd, vd, opt);
+    if (!grad_enabled() || !any_requires_grad({q, k, v})) return fw[0];
+    save_masks();
+    Tensor saved_out = fw[0].detach(), lse = fw[1];
+    return record("scaled_dot_product_attention", fw[0], {q, k, v}, [qd, kd, vd, saved, saved_out, lse](const Tensor& g) {
+      return ops::attention_backward_cuda(g, qd, kd, vd, saved_out, lse, saved);
+    });
+  }
+  Tensor out = ops::attention_forward(qd, kd, vd, opt);
+  save_masks();
   return record("scaled_dot_product_attention", out, {q, k, v}, [qd, kd, vd, saved](const Tensor& g) {
     return ops::attention_backward(g, qd, kd, vd, saved);
   });
