@@ -141,7 +141,8 @@ TEST(GpuLinear, FusedBiasMatchesCpu) {
       const double tol = std::max(tol_for(c.x), tol_for(c.bias));
       Tensor g;  // the incoming gradient: drawn by the CPU run, reused on CUDA
       auto run = [&](const Device& d) {
-        Tensor xl = x.to(d).requires_grad_(true), wl = w.to(d).requires_grad_(true), bl = b.to(d).requires_grad_(true);
+        Tensor xl = x.detach().to(d).requires_grad_(true), wl = w.detach().to(d).requires_grad_(true);
+        Tensor bl = b.detach().to(d).requires_grad_(true);
         Tensor y = linear(xl, wl, bl);
         if (!g.defined()) g = rnd(y.shape(), y.dtype());
         y.backward(g.to(d));
@@ -173,7 +174,7 @@ TEST(GpuMatmul, GradientsThroughAutogradMatchCpu) {
         const Tensor b = rnd(tb ? Shape{130, 72} : Shape{72, 130}, dt, -1, 1);
         const Tensor g = rnd({3, 41, 130}, dt);
         auto run = [&](const Device& d, bool need_b) {
-          Tensor al = a.to(d).requires_grad_(true), bl = b.to(d).requires_grad_(need_b);
+          Tensor al = a.detach().to(d).requires_grad_(true), bl = b.detach().to(d).requires_grad_(need_b);
           matmul(al, bl, ta, tb).backward(g.to(d));
           return std::vector<Tensor>{al.grad(), bl.grad()};
         };
