@@ -1,12 +1,752 @@
-// CUDA NF4 quantize / dequantize / fused GEMV.
-// (Placeholder: the kernels and their registration land here.)
+// CUDA NF4 (bitsandbytes 0.49.2's layout and arithmetic, spec/qlora.md §A): quantize, dequantize
+// and the fused small-M product y = x · dequant(W)ᵀ + b (the entries of cuda_nf4_kernels()).
+//
+// Invariants:
+// - Quantize and dequantize are bit-identical to the CPU reference (quant/nf4.hpp): every float
+//   operation that decides a bit is an explicit IEEE intrinsic (__fmul_rn, __fadd_rn, __fsub_rn:
+//   the compiler may not fuse them into an FMA), with flush-to-zero exactly where the CPU (and
+//   bnb's --use_fast_math build) flushes, maxima skipping NaN as the CPU's std::max does, and the
+//   same strict-> threshold count / literal binary search for the codes. The one selectable
+//   difference is the reciprocal of each absmax: bnb's rcp.approx.ftz.f32 (default: what bnb
+//   computes on the GPU) or the CPU's IEEE 1/x (Nf4QuantizeOptions::ieee_reciprocal).
+// - The double-quant offset mean(absmax) is summed in double in the CPU's fixed order (one thread
+//   per 256-chunk, then the chunk sums in order, nf4::absmax_mean) and rounded once, so it equals
+//   the CPU's bits. It is read back to the host once per quantized weight (NF4Tensor::offset is a
+//   host float); quantization is a load-time op, everything else here never synchronizes.
+// - Dequantize never materializes the per-block absmax: each thread decodes its 64-block's scale
+//   (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes 64 outputs with 16-byte stores.
+// - The fused product never materializes W. Tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
+//   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
+//   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
+//   multiplies that block's fp32 partial sum, the bias (rounded to bf16, as NF4Linear does) is
+//   added in fp32 and the output rounded once to bf16. Split-K partials go through an fp32
+//   workspace summed in a fixed order: results are deterministic (no atomics).
+// The kernels that are not otherwise templates are templates on an unused parameter: every
+// translation unit that includes this header may instantiate them (a plain __global__ definition
+// in a header is a duplicate symbol at link time).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <numeric>
+
 #include "kernels/copy.cuh"
+#include "tq/quant/nf4.hpp"
 
 namespace tq::cuda {
 
+namespace nf4k {
+
+// ---- constant tables, passed to kernels by value (kernel parameters live in constant memory) ----
+
+struct Tables {
+  float code[16];       // get_4bit_type("nf4")
+  float threshold[15];  // dQuantizeNF4's decision thresholds
+  float dyn[256];       // create_dynamic_map (the nested 8-bit code)
+};
+inline const Tables& tables() {
+  static const Tables t = [] {
+    Tables x{};
+    for (int i = 0; i < 16; ++i) x.code[i] = nf4::code(i);
+    for (int i = 0; i < 15; ++i) x.threshold[i] = nf4::threshold(i);
+    for (int i = 0; i < 256; ++i) x.dyn[i] = nf4::dyn(i);
+    return x;
+  }();
+  return t;
+}
+
+// QuantState.dtype as the kernels see it: how a dequantized value is rounded before its store.
+enum class Round : int { f32 = 0, bf16 = 1, f16 = 2 };
+inline Round round_of(DType dt) {
+  switch (dt) {
+    case DType::bf16: return Round::bf16;
+    case DType::f16: return Round::f16;
+    case DType::f32: return Round::f32;
+    default: fail(str_cat("nf4: unsupported QuantState dtype ", dtype_name(dt)));
+  }
+}
+
+// ---- device arithmetic mirroring quant/nf4.hpp ----
+
+// Subnormal → signed zero (nf4::ftz).
+__device__ __forceinline__ float ftz(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }
+// nf4::mul_ftz: flush inputs and result, one IEEE rounding.
+__device__ __forceinline__ float mul_ftz(float a, float b) { return ftz(__fmul_rn(ftz(a), ftz(b))); }
+// NaN counts as 0 in a maximum (std::max(acc, NaN) keeps acc, and every maximum starts at 0).
+__device__ __forceinline__ float nan_to_zero(float v) { return v == v ? v : 0.0f; }
+
+// 1/absmax as bnb's fast-math build computes it (rcp.approx.ftz.f32), or the CPU's IEEE rcp_ftz.
+template <bool kIeee>
+__device__ __forceinline__ float block_reciprocal(float x) {
+  if constexpr (kIeee) {
+    return ftz(__frcp_rn(ftz(x)));
+  } else {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+  }
+}
+
+// dQuantizeNF4: the number of thresholds strictly below x (ties go to the lower code, NaN → 0).
+__device__ __forceinline__ uint32_t nf4_code_of(float x, const float* threshold) {
+  uint32_t q = 0;
+#pragma unroll
+  for (int k = 0; k < 15; ++k) q += x > threshold[k] ? 1u : 0u;
+  return q;
+}
+
+// dQuantize<0>: the literal binary search of spec A.6 over the sorted DYN table.
+__device__ __forceinline__ uint32_t dyn_code_of(float z, const float* dyn) {
+  int p = 127, up = 255, lo = 0;
+  float lower = -1.0f, upper = 1.0f, v = dyn[127];
+#pragma unroll
+  for (int step = 64; step >= 1; step >>= 1) {
+    if (z > v) {
+      lo = p;
+      lower = v;
+      p += step;
+    } else {
+      up = p;
+      upper = v;
+      p -= step;
+    }
+    v = dyn[p];
+  }
+  if (up == 255) upper = dyn[255];
+  if (lo == 0) lower = dyn[0];
+  if (z > v) return uint32_t(z > __fmul_rn(__fadd_rn(upper, v), 0.5f) ? up : p);
+  return uint32_t(z < __fmul_rn(__fadd_rn(lower, v), 0.5f) ? lo : p);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+// Where a weight's per-block scale comes from (A.7).
+struct Scales {
+  const uint8_t* qabsmax;     // (nb) 8-bit DYN codes with double quant, else null
+  const float* absmax_f32;    // (nb) plain absmax without double quant, else null
+  const float* absmax2;       // (ceil(nb/256)) nested absmax (double quant)
+  float offset;               // nested offset (double quant)
+};
+
+// am[b] = f32(f32(DYN[q[b]]·absmax2[b/256]) + offset) with double quant, else the stored absmax.
+__device__ __forceinline__ float block_scale(const Scales& s, const float* dyn, int64_t b) {
+  if (s.qabsmax != nullptr) return __fadd_rn(mul_ftz(dyn[s.qabsmax[b]], s.absmax2[b >> 8]), s.offset);
+  return s.absmax_f32[b];
+}
+
+__device__ __forceinline__ float round_through(float v, Round r) {
+  if (r == Round::bf16) return __bfloat162float(__float2bfloat16_rn(v));
+  if (r == Round::f16) return __half2float(__float2half_rn(v));
+  return v;
+}
+
+// One dequantized element: NF4[code]·am rounded once to the QuantState dtype (kDequantizeBlockwise<T>).
+__device__ __forceinline__ float dequant_value(const float* code, uint32_t q, float am, Round r) {
+  return round_through(mul_ftz(code[q], am), r);
+}
+
+// ---- quantize ----
+
+// kQuantizeBlockwise<T, 64, NF4>: one warp per 64-block, lane l owns elements 2l and 2l+1 (one
+// packed byte). absmax (nb) f32; packed ((n+1)/2) bytes.
+template <class T, bool kIeee>
+__global__ void __launch_bounds__(kThreads) quantize_blocks_kernel(const T* __restrict__ w, int64_t n,
+                                                                   float* __restrict__ absmax,
+                                                                   uint8_t* __restrict__ packed, Tables tab) {
+  const int lane = int(threadIdx.x & 31);
+  const int64_t nb = (n + 63) / 64;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t b = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; b < nb; b += warps) {
+    const int64_t i = b * 64 + 2 * lane;
+    // The zero pad of an odd n is quantized like the kernel's zero-padded load (nf4::quantize_blocks).
+    const float x0 = i < n ? as_float(w[i]) : 0.0f;
+    const float x1 = i + 1 < n ? as_float(w[i + 1]) : 0.0f;
+    const float am = warp_max(fmaxf(nan_to_zero(fabsf(ftz(x0))), nan_to_zero(fabsf(ftz(x1)))));
+    if (lane == 0) absmax[b] = am;
+    const float s = block_reciprocal<kIeee>(am);  // inf for an all-zero block → NaN → code 0, as bnb
+    if (i < n)
+      packed[i >> 1] = uint8_t(nf4_code_of(mul_ftz(x0, s), tab.threshold) << 4 |
+                               nf4_code_of(mul_ftz(x1, s), tab.threshold));
+  }
+}
+
+// nf4::absmax_mean, step 1: partial[c] = Σ absmax[256c .. 256c+255] in double, in order.
+template <class = void>
+__global__ void absmax_chunk_sums_kernel(const float* __restrict__ absmax, int64_t nb, double* __restrict__ partial) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t lo = c * nf4::kNestedBlock;
+  if (lo >= nb) return;
+  const int64_t hi = lo + nf4::kNestedBlock < nb ? lo + nf4::kNestedBlock : nb;
+  double s = 0.0;
+  for (int64_t i = lo; i < hi; ++i) s = __dadd_rn(s, double(absmax[i]));
+  partial[c] = s;
+}
+
+// nf4::absmax_mean, step 2 (one block): offset = f32((Σ_c partial[c] in order) / nb). The block
+// stages the partials in shared memory; thread 0 adds them in order.
+template <class = void>
+__global__ void absmax_mean_kernel(const double* __restrict__ partial, int64_t chunks, int64_t nb,
+                                   float* __restrict__ offset) {
+  constexpr int kStage = 2048;
+  __shared__ double stage[kStage];
+  double total = 0.0;
+  for (int64_t c0 = 0; c0 < chunks; c0 += kStage) {
+    const int64_t m = chunks - c0 < kStage ? chunks - c0 : kStage;
+    for (int64_t k = threadIdx.x; k < m; k += blockDim.x) stage[k] = partial[c0 + k];
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int64_t k = 0; k < m; ++k) total = __dadd_rn(total, stage[k]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) offset[0] = __double2float_rn(__ddiv_rn(total, double(nb)));
+}
+
+// quantize_blockwise(absmax − offset, DYN, blocksize 256): one 256-thread block per nested block.
+// q (nb) u8; absmax2 (ceil(nb/256)) f32; offset: one f32 on the device.
+template <bool kIeee>
+__global__ void __launch_bounds__(256) quantize_nested_kernel(const float* __restrict__ absmax, int64_t nb,
+                                                              const float* __restrict__ offset,
+                                                              uint8_t* __restrict__ q, float* __restrict__ absmax2,
+                                                              Tables tab) {
+  static_assert(nf4::kNestedBlock == 256, "one thread per absmax of a nested block");
+  __shared__ float dyn[256];
+  __shared__ float warp_am[8];
+  dyn[threadIdx.x] = tab.dyn[threadIdx.x];
+  const int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x;
+  const float y = i < nb ? __fsub_rn(absmax[i], offset[0]) : 0.0f;
+  float m = warp_max(nan_to_zero(fabsf(ftz(y))));
+  if ((threadIdx.x & 31) == 0) warp_am[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = warp_am[0];
+#pragma unroll
+  for (int k = 1; k < 8; ++k) m = fmaxf(m, warp_am[k]);
+  if (threadIdx.x == 0) absmax2[blockIdx.x] = m;
+  const float s2 = block_reciprocal<kIeee>(m);
+  if (i < nb) q[i] = uint8_t(dyn_code_of(mul_ftz(y, s2), dyn));
+}
+
+// ---- dequantize ----
+
+template <class Out>
+__device__ __forceinline__ void store8(Out* dst, const float (&v)[8]) {
+  if constexpr (sizeof(Out) == 2) {
+    Vec<Out, 8> o;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o.v[e] = float_to<Out>(v[e]);
+    *reinterpret_cast<Vec<Out, 8>*>(dst) = o;
+  } else {
+    static_assert(sizeof(Out) == 4, "f32 output");
+    Vec<Out, 4> o0, o1;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      o0.v[e] = v[e];
+      o1.v[e] = v[4 + e];
+    }
+    reinterpret_cast<Vec<Out, 4>*>(dst)[0] = o0;
+    reinterpret_cast<Vec<Out, 4>*>(dst)[1] = o1;
+  }
+}
+
+// out (n) = dequantized weight. vec: packed and out are 16-byte aligned, so every full 64-block is
+// two 16-byte loads and 16-byte stores; the remaining elements (and everything when !vec) go one by
+// one. Grid-stride over blocks, then over the tail.
+template <class Out>
+__global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ out, const uint8_t* __restrict__ packed,
+                                                              Scales sc, int64_t n, Round rnd, bool vec, Tables tab) {
+  __shared__ float code[16];
+  __shared__ float dyn[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
+  if (threadIdx.x < 16) code[threadIdx.x] = tab.code[threadIdx.x];
+  __syncthreads();
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t full = vec ? n / 64 : 0;
+  for (int64_t b = tid; b < full; b += stride) {
+    const uint4* src = reinterpret_cast<const uint4*>(packed + 32 * b);
+    const uint4 p0 = __ldcs(src), p1 = __ldcs(src + 1);
+    const uint32_t words[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+    const float am = block_scale(sc, dyn, b);
+    Out* dst = out + 64 * b;
+#pragma unroll
+    for (int wi = 0; wi < 8; ++wi) {
+      float v[8];
+#pragma unroll
+      for (int by = 0; by < 4; ++by) {  // byte `by` of the word: elements 2·by (high nibble), 2·by + 1
+        const uint32_t byte = (words[wi] >> (8 * by)) & 0xFFu;
+        v[2 * by] = dequant_value(code, byte >> 4, am, rnd);
+        v[2 * by + 1] = dequant_value(code, byte & 0xFu, am, rnd);
+      }
+      store8<Out>(dst + 8 * wi, v);
+    }
+  }
+  for (int64_t i = full * 64 + tid; i < n; i += stride) {
+    const uint32_t byte = packed[i >> 1];
+    const uint32_t qc = (i & 1) ? (byte & 0xFu) : (byte >> 4);
+    out[i] = float_to<Out>(dequant_value(code, qc, block_scale(sc, dyn, i >> 6), rnd));
+  }
+}
+
+// ---- fused small-M product ----
+
+struct SmallMArgs {
+  const uint8_t* packed;      // ((N·K+1)/2) NF4 codes of W (N, K), flattened row-major
+  Scales sc;
+  const __nv_bfloat16* x;     // (M, K) row-major
+  const __nv_bfloat16* bias;  // (N) or null
+  __nv_bfloat16* y;           // (M, N) row-major; written directly when splits == 1
+  float* partial;             // (splits, M, N) fp32 partial sums when splits > 1
+  int M;
+  int64_t N, K;
+  // Rows n ≡ r (mod P) share the block phase ψ_r = (r·K) mod 64, so one 16-row tile of a residue
+  // class sees its 64-block boundaries at the same k in every row. P = 64 / gcd(K, 64).
+  int P;
+  int64_t tiles_per_class;  // ceil(ceil(N / P) / 16)
+  int64_t tiles;            // P · tiles_per_class
+  int units_per_split;      // 64-block units of K per work item
+  int splits;
+};
+
+// d = A·B + c for one m16n8k16 tile (bf16 in, fp32 accumulate). Fragments as in the PTX ISA:
+// a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d0,d1 = D[g][2t..2t+1], d2,d3 = D[g+8][2t..2t+1]
+// (g = lane / 4, t = lane % 4; the lower k / column in the lower half of each register).
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own work items
+
+// Work item = (16-row tile of one residue class, range of 64-block units of K). A unit j of a row
+// is its flat block b0(row) + j, i.e. k ∈ [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows
+// g and g+8 of the tile and, in every unit, the 16 k starting at kl = 64j − ψ + 16t: 8 packed bytes
+// per row (one 8-byte load) and 16 x values per token (two 16-byte loads). In mma step s (0..3) it
+// feeds bytes 2s, 2s+1 of each row piece (physical k = kl + 4s .. kl + 4s + 3) as logical k 2t, 2t+1,
+// 2t+8, 2t+9 — x takes the same mapping, so the sum over k is unchanged — and every step of a unit
+// stays inside one 64-block of every row of the tile, so the unit's fp32 partial sum is scaled by
+// that block's absmax once. MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments.
+template <int MT>
+__global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
+    small_m_kernel(SmallMArgs a, Tables tab) {
+  // pair[byte · 32 + lane] = bf16x2 {NF4[byte >> 4], NF4[byte & 15]}: replicated per lane so that a
+  // warp's 32 lookups of random bytes hit 32 different banks (32 KB).
+  __shared__ uint32_t pair[256 * 32];
+  __shared__ float dyn[256];
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+    const int byte = e >> 5;
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
+    pair[e] = lo | (hi << 16);
+  }
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
+  __syncthreads();
+
+  const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+  const uint32_t* my_pair = pair + lane;
+  const float zero4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t items = a.tiles * a.splits;
+  const int64_t warps = int64_t(gridDim.x) * kSmallMWarps;
+  for (int64_t item = int64_t(blockIdx.x) * kSmallMWarps + (threadIdx.x >> 5); item < items; item += warps) {
+    const int split = int(item / a.tiles);
+    const int64_t tile = item - int64_t(split) * a.tiles;
+    const int r = int(tile / a.tiles_per_class);
+    const int64_t tau = tile - int64_t(r) * a.tiles_per_class;
+    const int64_t class_rows = r < a.N ? (a.N - r + a.P - 1) / a.P : 0;
+    const int64_t iA = 16 * tau + g, iB = iA + 8;  // tile rows g and g+8, as indices within the class
+    const bool okA = iA < class_rows, okB = iB < class_rows;
+    const int64_t nA = r + int64_t(a.P) * iA, nB = r + int64_t(a.P) * iB;
+    const int psi = int((int64_t(r) * a.K) & 63);
+    const int units = int((psi + a.K + 63) / 64);
+    const int j0 = split * a.units_per_split;
+    const int j1 = units < j0 + a.units_per_split ? units : j0 + a.units_per_split;
+    const int64_t b0A = okA ? (nA * a.K) >> 6 : 0, b0B = okB ? (nB * a.K) >> 6 : 0;
+
+    // 8 packed bytes of rows A and B for unit j (zeros where the lane's k-range leaves the row or
+    // the row is past N: such pieces meet x = 0 below, and invalid rows are never stored).
+    auto fetch = [&](int j, uint2& pa, uint2& pb) {
+      pa = make_uint2(0u, 0u);
+      pb = make_uint2(0u, 0u);
+      if (j >= j1) return;
+      const int64_t kl = int64_t(64) * j - psi + 16 * t;
+      if (kl < 0 || kl + 16 > a.K) return;
+      if (okA) pa = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (b0A + j) + 8 * t));
+      if (okB) pb = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (b0B + j) + 8 * t));
+    };
+
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
+    uint2 curA, curB, nxtA, nxtB;
+    fetch(j0, curA, curB);
+    fetch(j0 + 1, nxtA, nxtB);
+    float am4A = 0.0f, am4B = 0.0f;
+    for (int j = j0; j < j1; ++j) {
+      uint2 nnA, nnB;
+      fetch(j + 2, nnA, nnB);  // two units in flight while this one computes
+      // Block scales of units j .. j+3: lane t computes unit j + t's, then the group shares them.
+      if (((j - j0) & 3) == 0) {
+        const int jj = j + t;
+        am4A = okA && jj < j1 ? block_scale(a.sc, dyn, b0A + jj) : 0.0f;
+        am4B = okB && jj < j1 ? block_scale(a.sc, dyn, b0B + jj) : 0.0f;
+      }
+      const int src = (lane & ~3) | ((j - j0) & 3);
+      const float amA = __shfl_sync(0xffffffffu, am4A, src);
+      const float amB = __shfl_sync(0xffffffffu, am4B, src);
+
+      const int64_t kl = int64_t(64) * j - psi + 16 * t;
+      const bool kok = kl >= 0 && kl + 16 <= a.K;
+      uint32_t xw[MT][8];  // x[tok][kl .. kl+15] as bf16 pairs
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int tok = g + 8 * mt;
+        uint4 v0 = make_uint4(0u, 0u, 0u, 0u), v1 = v0;
+        if (kok && tok < a.M) {
+          const uint4* px = reinterpret_cast<const uint4*>(a.x + int64_t(tok) * a.K + kl);
+          v0 = __ldg(px);
+          v1 = __ldg(px + 1);
+        }
+        xw[mt][0] = v0.x, xw[mt][1] = v0.y, xw[mt][2] = v0.z, xw[mt][3] = v0.w;
+        xw[mt][4] = v1.x, xw[mt][5] = v1.y, xw[mt][6] = v1.z, xw[mt][7] = v1.w;
+      }
+      float c[MT][4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t wa = s < 2 ? curA.x : curA.y, wb = s < 2 ? curB.x : curB.y;
+        const int sh = (s & 1) * 16;  // bytes 2s, 2s+1 of the piece
+        const uint32_t a0 = my_pair[((wa >> sh) & 0xFFu) << 5];
+        const uint32_t a2 = my_pair[((wa >> (sh + 8)) & 0xFFu) << 5];
+        const uint32_t a1 = my_pair[((wb >> sh) & 0xFFu) << 5];
+        const uint32_t a3 = my_pair[((wb >> (sh + 8)) & 0xFFu) << 5];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if (s == 0) mma_16816(c[mt], a0, a1, a2, a3, xw[mt][0], xw[mt][1], zero4);  // a fresh sum per unit
+          else mma_16816(c[mt], a0, a1, a2, a3, xw[mt][2 * s], xw[mt][2 * s + 1], c[mt]);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][0] = fmaf(amA, c[mt][0], acc[mt][0]);
+        acc[mt][1] = fmaf(amA, c[mt][1], acc[mt][1]);
+        acc[mt][2] = fmaf(amB, c[mt][2], acc[mt][2]);
+        acc[mt][3] = fmaf(amB, c[mt][3], acc[mt][3]);
+      }
+      curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB;
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool rok = e < 2 ? okA : okB;
+        const int64_t n = e < 2 ? nA : nB;
+        const int tok = 8 * mt + 2 * t + (e & 1);
+        if (!rok || tok >= a.M) continue;
+        if (a.splits == 1) {
+          const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
+          a.y[int64_t(tok) * a.N + n] = __float2bfloat16_rn(acc[mt][e] + b);
+        } else {
+          a.partial[(int64_t(split) * a.M + tok) * a.N + n] = acc[mt][e];
+        }
+      }
+  }
+}
+
+// y[tok][n] = bf16(Σ_split partial[split][tok][n] (in order) + bias[n]).
+template <class = void>
+__global__ void small_m_reduce_kernel(const float* __restrict__ partial, int splits, int M, int64_t N,
+                                      const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y) {
+  const int64_t total = int64_t(M) * N;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i % N;
+    float s = 0.0f;
+    for (int sp = 0; sp < splits; ++sp) s += partial[int64_t(sp) * total + i];
+    if (bias) s += __bfloat162float(bias[n]);
+    y[i] = __float2bfloat16_rn(s);
+  }
+}
+
+// The general path (any K, any alignment): one warp per output row, each element dequantized
+// exactly as nf4_dequantize does (then rounded to bf16, as the NF4Linear scratch holds it), fp32
+// accumulation per lane, a fixed shuffle tree across lanes.
+template <class = void>
+__global__ void __launch_bounds__(kThreads) small_m_generic_kernel(SmallMArgs a, Round rnd, Tables tab) {
+  __shared__ float code[16];
+  __shared__ float dyn[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
+  if (threadIdx.x < 16) code[threadIdx.x] = tab.code[threadIdx.x];
+  __syncthreads();
+  const int lane = int(threadIdx.x & 31);
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t n = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; n < a.N; n += warps) {
+    float acc[16];
+#pragma unroll
+    for (int m = 0; m < 16; ++m) acc[m] = 0.0f;
+    for (int64_t k = lane; k < a.K; k += 32) {
+      const int64_t i = n * a.K + k;
+      const uint32_t byte = a.packed[i >> 1];
+      const uint32_t qc = (i & 1) ? (byte & 0xFu) : (byte >> 4);
+      const float w = __bfloat162float(__float2bfloat16_rn(dequant_value(code, qc, block_scale(a.sc, dyn, i >> 6), rnd)));
+#pragma unroll
+      for (int m = 0; m < 16; ++m)
+        if (m < a.M) acc[m] = fmaf(__bfloat162float(a.x[int64_t(m) * a.K + k]), w, acc[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < 16; ++m) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+    }
+    if (lane == 0) {
+      const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
+      for (int m = 0; m < a.M; ++m) a.y[int64_t(m) * a.N + n] = __float2bfloat16_rn(acc[m] + b);
+    }
+  }
+}
+
+// ---- host side ----
+
+inline void require_nf4_on(const NF4Tensor& q, Device dev, const char* op) {
+  TQ_CHECK(q.packed.defined() && q.absmax.defined(), op, ": the NF4 weight is empty");
+  TQ_CHECK(q.packed.dtype() == DType::u8 && q.packed.numel() == (q.numel() + 1) / 2 && q.packed.device() == dev,
+           op, ": packed codes ", describe(q.packed), " do not match shape ", q.shape, " on ", dev.str());
+  TQ_CHECK(q.absmax.device() == dev && q.absmax.numel() == q.num_blocks(), op, ": absmax ", describe(q.absmax),
+           " does not match ", q.num_blocks(), " blocks on ", dev.str());
+  if (q.double_quant())
+    TQ_CHECK(q.nested_absmax.defined() && q.nested_absmax.device() == dev && q.nested_absmax.dtype() == DType::f32 &&
+                 q.nested_absmax.numel() == (q.num_blocks() + nf4::kNestedBlock - 1) / nf4::kNestedBlock,
+             op, ": nested absmax ", describe(q.nested_absmax), " does not match the 8-bit absmax codes");
+  else
+    TQ_CHECK(q.absmax.dtype() == DType::f32, op, ": absmax ", describe(q.absmax), " must be u8 codes or f32");
+}
+
+// The scale sources of q, with its tensors made dense (returned in `keep` so they outlive the launch).
+inline Scales scales_of(const NF4Tensor& q, std::vector<Tensor>& keep) {
+  Scales s{};
+  keep.push_back(q.absmax.contiguous());
+  if (q.double_quant()) {
+    keep.push_back(q.nested_absmax.contiguous());
+    s.qabsmax = static_cast<const uint8_t*>(keep[keep.size() - 2].data_ptr());
+    s.absmax2 = static_cast<const float*>(keep.back().data_ptr());
+    s.offset = q.offset;
+  } else {
+    s.absmax_f32 = static_cast<const float*>(keep.back().data_ptr());
+  }
+  return s;
+}
+
+inline NF4Tensor quantize(const Tensor& w_in, const Nf4QuantizeOptions& opt) {
+  const Device dev = w_in.device();
+  DeviceGuard guard(dev.index);
+  cudaStream_t st = current_stream();
+  Tensor w = w_in.detach().contiguous();
+  NF4Tensor q;
+  q.dtype = w.dtype();
+  q.shape = w.shape();
+  const int64_t n = w.numel(), nb = q.num_blocks();
+  Tensor absmax = Tensor::empty({nb}, DType::f32, dev);
+  q.packed = Tensor::empty({(n + 1) / 2, 1}, DType::u8, dev);
+  const Tables& tab = tables();
+  const unsigned blocks = grid_for((nb + kThreads / 32 - 1) / (kThreads / 32), 1, dev.index);
+  auto launch_blocks = [&](auto tag) {
+    using T = decltype(tag);
+    const T* pw = static_cast<const T*>(w.data_ptr());
+    float* pa = absmax.data<float>();
+    uint8_t* pp = q.packed.data<uint8_t>();
+    if (opt.ieee_reciprocal) quantize_blocks_kernel<T, true><<<blocks, kThreads, 0, st>>>(pw, n, pa, pp, tab);
+    else quantize_blocks_kernel<T, false><<<blocks, kThreads, 0, st>>>(pw, n, pa, pp, tab);
+    check_launch();
+  };
+  switch (w.dtype()) {
+    case DType::f32: launch_blocks(float{}); break;
+    case DType::bf16: launch_blocks(::tq::bf16{}); break;
+    case DType::f16: launch_blocks(::tq::f16{}); break;
+    default: fail(str_cat("nf4_quantize: weights of dtype ", dtype_name(w.dtype()), " cannot be quantized"));
+  }
+  if (!opt.double_quant) {
+    q.absmax = absmax;
+    return q;
+  }
+  Tensor offset = Tensor::empty({1}, DType::f32, dev);
+  if (opt.offset) {
+    offset.fill_(double(*opt.offset));
+  } else {
+    const int64_t chunks = (nb + nf4::kNestedBlock - 1) / nf4::kNestedBlock;
+    Tensor partial = Tensor::empty({chunks}, DType::f64, dev);
+    absmax_chunk_sums_kernel<><<<unsigned((chunks + 127) / 128), 128, 0, st>>>(absmax.data<float>(), nb,
+                                                                             partial.data<double>());
+    check_launch();
+    absmax_mean_kernel<><<<1, 256, 0, st>>>(partial.data<double>(), chunks, nb, offset.data<float>());
+    check_launch();
+  }
+  const int64_t nb2 = (nb + nf4::kNestedBlock - 1) / nf4::kNestedBlock;
+  q.absmax = Tensor::empty({nb}, DType::u8, dev);
+  q.nested_absmax = Tensor::empty({nb2}, DType::f32, dev);
+  TQ_CHECK(nb2 <= int64_t(INT32_MAX), "nf4_quantize: weight ", describe(w_in), " has too many blocks");
+  if (opt.ieee_reciprocal)
+    quantize_nested_kernel<true><<<unsigned(nb2), 256, 0, st>>>(absmax.data<float>(), nb, offset.data<float>(),
+                                                                q.absmax.data<uint8_t>(), q.nested_absmax.data<float>(), tab);
+  else
+    quantize_nested_kernel<false><<<unsigned(nb2), 256, 0, st>>>(absmax.data<float>(), nb, offset.data<float>(),
+                                                                 q.absmax.data<uint8_t>(), q.nested_absmax.data<float>(), tab);
+  check_launch();
+  // The one host read: NF4Tensor keeps the offset as a host float (serialization, CPU dequantize).
+  q.offset = opt.offset ? *opt.offset : offset.item<float>();
+  return q;
+}
+
+inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
+  const Device dev = out.device();
+  require_nf4_on(q, dev, "nf4_dequantize");
+  const int64_t n = q.numel();
+  if (n == 0) return;
+  DeviceGuard guard(dev.index);
+  std::vector<Tensor> keep;
+  const Scales sc = scales_of(q, keep);
+  Tensor packed = q.packed.contiguous();
+  const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
+  const Round rnd = round_of(q.dtype);
+  const bool vec = aligned_to(pp, 16) && aligned_to(out.data_ptr(), 16);
+  const int64_t work = vec ? std::max<int64_t>(n / 64, n % 64) : n;
+  const unsigned blocks = grid_for(work, kThreads, dev.index);
+  cudaStream_t st = current_stream();
+  const Tables& tab = tables();
+  switch (out.dtype()) {
+    case DType::f32:
+      dequantize_kernel<float><<<blocks, kThreads, 0, st>>>(out.data<float>(), pp, sc, n, rnd, vec, tab);
+      break;
+    case DType::bf16:
+      dequantize_kernel<::tq::bf16><<<blocks, kThreads, 0, st>>>(out.data<::tq::bf16>(), pp, sc, n, rnd, vec, tab);
+      break;
+    case DType::f16:
+      dequantize_kernel<::tq::f16><<<blocks, kThreads, 0, st>>>(out.data<::tq::f16>(), pp, sc, n, rnd, vec, tab);
+      break;
+    default: fail(str_cat("nf4_dequantize: output dtype must be f32, bf16 or f16, got ", dtype_name(out.dtype())));
+  }
+  check_launch();
+}
+
+// How one small-M product runs: the tensor-core kernel's work decomposition (fast), or the general
+// warp-per-row kernel.
+struct SmallMPlan {
+  bool fast = false;  // K % 16 == 0 and 8-byte aligned codes, 16-byte aligned x
+  int P = 1;
+  int64_t tiles_per_class = 0, tiles = 0;
+  int units_per_split = 0, splits = 1;
+  unsigned ctas = 1;
+  int64_t workspace_floats(int64_t M, int64_t N) const { return fast && splits > 1 ? int64_t(splits) * M * N : 0; }
+};
+
+inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const void* x, int device) {
+  SmallMPlan p;
+  p.fast = K > 0 && K % 16 == 0 && aligned_to(packed, 8) && aligned_to(x, 16);
+  if (!p.fast) {
+    p.ctas = grid_for((N + kThreads / 32 - 1) / (kThreads / 32), 1, device);
+    return p;
+  }
+  p.P = int(64 / std::gcd(K, int64_t(64)));
+  p.tiles_per_class = ((N + p.P - 1) / p.P + 15) / 16;
+  p.tiles = p.P * p.tiles_per_class;
+  int64_t units_max = 0;
+  for (int r = 0; r < p.P; ++r) units_max = std::max(units_max, ((int64_t(r) * K) % 64 + K + 63) / 64);
+  // Enough items for about two per resident warp (3 CTAs of 8 warps per SM), never under 4 units each.
+  const int64_t sms = sm_count(device), resident = sms * 3 * kSmallMWarps;
+  int64_t splits = std::clamp<int64_t>((2 * resident + p.tiles - 1) / p.tiles, 1, std::max<int64_t>(1, units_max / 4));
+  const int64_t ups = (units_max + splits - 1) / splits;
+  splits = (units_max + ups - 1) / ups;
+  TQ_CHECK(ups <= INT32_MAX && splits <= INT32_MAX, "nf4 linear: K = ", K, " is too large");
+  p.units_per_split = int(ups);
+  p.splits = int(splits);
+  const int64_t items = p.tiles * splits;
+  p.ctas = unsigned(std::clamp<int64_t>((items + kSmallMWarps - 1) / kSmallMWarps, 1, sms * 3));
+  return p;
+}
+
+// Runs a planned product on prepared arguments: a.y (M, N) is written; a.partial must hold
+// plan.workspace_floats(M, N) floats. The launcher the benchmarks time with their own buffers.
+inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
+  const Tables& tab = tables();
+  if (!p.fast) {
+    small_m_generic_kernel<><<<p.ctas, kThreads, 0, st>>>(a, rnd, tab);
+    check_launch();
+    return;
+  }
+  a.P = p.P;
+  a.tiles_per_class = p.tiles_per_class;
+  a.tiles = p.tiles;
+  a.units_per_split = p.units_per_split;
+  a.splits = p.splits;
+  TQ_CHECK(p.splits == 1 || a.partial != nullptr, "nf4 linear: the split-K workspace is missing");
+  if (a.M <= 8) small_m_kernel<1><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
+  else small_m_kernel<2><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
+  check_launch();
+  if (p.splits > 1) {
+    small_m_reduce_kernel<><<<grid_for(int64_t(a.M) * a.N, kThreads, device), kThreads, 0, st>>>(a.partial, p.splits, a.M,
+                                                                                              a.N, a.bias, a.y);
+    check_launch();
+  }
+}
+
+inline Tensor linear_small_m(const Tensor& x_in, const NF4Tensor& q, const Tensor& bias_in) {
+  const Device dev = x_in.device();
+  TQ_CHECK(q.shape.size() == 2, "nf4 linear: weight must be (out, in), got shape ", q.shape);
+  const int64_t N = q.shape[0], K = q.shape[1];
+  TQ_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.size(0) <= 16, "nf4 linear: input ", describe(x_in),
+           " must be (M ≤ 16, ", K, ")");
+  require_nf4_on(q, dev, "nf4 linear");
+  TQ_CHECK(!bias_in.defined() || (bias_in.device() == dev && bias_in.numel() == N), "nf4 linear: bias ",
+           describe(bias_in), " must hold ", N, " values on ", dev.str());
+  const int M = int(x_in.size(0));
+  Tensor y = Tensor::empty({M, N}, DType::bf16, dev);
+  if (M == 0 || N == 0) return y;
+  DeviceGuard guard(dev.index);
+  Tensor bias = bias_in.defined() ? bias_in.detach().to(DType::bf16).contiguous() : Tensor();
+  if (K == 0) {  // an empty sum: y = bias
+    if (bias.defined()) y.copy_(bias.reshape({1, N}).expand({M, N}));
+    else y.fill_(0.0);
+    return y;
+  }
+  Tensor x = x_in.detach().to(DType::bf16).contiguous();
+  if (!aligned_to(x.data_ptr(), 16)) x = x.clone();  // a fresh allocation is 256-byte aligned
+  Tensor packed = q.packed.contiguous();
+  std::vector<Tensor> keep;
+  SmallMArgs a{};
+  a.packed = static_cast<const uint8_t*>(packed.data_ptr());
+  a.sc = scales_of(q, keep);
+  a.x = static_cast<const __nv_bfloat16*>(x.data_ptr());
+  a.bias = bias.defined() ? static_cast<const __nv_bfloat16*>(bias.data_ptr()) : nullptr;
+  a.y = static_cast<__nv_bfloat16*>(y.data_ptr());
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  const SmallMPlan p = plan_small_m(N, K, a.packed, a.x, dev.index);
+  Tensor partial;
+  if (p.workspace_floats(M, N) > 0) {
+    partial = Tensor::empty({p.workspace_floats(M, N)}, DType::f32, dev);
+    a.partial = partial.data<float>();
+  }
+  launch_small_m(a, p, round_of(q.dtype), dev.index, current_stream());
+  return y;
+}
+
+}  // namespace nf4k
+
 // Fills this family's CUDA kernel table(s); called once by register_cuda_backend() (<tq/cuda.hpp>).
-inline void register_nf4_kernels() {}
+inline void register_nf4_kernels() {
+  Nf4CudaKernels& k = cuda_nf4_kernels();
+  k.quantize = &nf4k::quantize;
+  k.dequantize_into = &nf4k::dequantize_into;
+  k.linear_small_m = &nf4k::linear_small_m;
+}
 
 }  // namespace tq::cuda

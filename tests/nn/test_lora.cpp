@@ -181,3 +181,131 @@ TEST(Lora, DropoutMaskIsReproducibleAndOnlyInTraining) {
   auto e1 = l.forward(x).to_vector();
   EXPECT_EQ(l.forward(x).to_vector(), e1);
 }
+
+namespace {
+// W' = W + s·B·A, DoRA: row o times m_o / ‖W_o + s·(B·A)_o‖, in float64 from host vectors.
+std::vector<double> ref_merged(const std::vector<double>& W, const std::vector<double>& A, const std::vector<double>& B,
+                               const std::vector<double>& mag, int64_t in, int64_t out, int64_t r, double s, bool dora) {
+  std::vector<double> w(W);
+  for (int64_t o = 0; o < out; ++o) {
+    double norm = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      double ba = 0;
+      for (int64_t k = 0; k < r; ++k) ba += B[size_t(o * r + k)] * A[size_t(k * in + i)];
+      w[size_t(o * in + i)] += s * ba;
+      norm += w[size_t(o * in + i)] * w[size_t(o * in + i)];
+    }
+    if (!dora) continue;
+    for (int64_t i = 0; i < in; ++i) w[size_t(o * in + i)] *= mag[size_t(o)] / std::sqrt(norm);
+  }
+  return w;
+}
+
+// Non-trivial adapter tensors (B = 0 after init would make merging a no-op).
+template <class L>
+void randomize_adapter(L& l, DType dt) {
+  const int64_t r = l.config.r, in = l.in_features(), out = l.out_features();
+  l.lora_A = random({r, in}, dt).requires_grad_();
+  l.lora_B = random({out, r}, dt).requires_grad_();
+  if (l.config.dora) l.lora_magnitude_vector = random({out}, dt, 0.5, 2.0).requires_grad_();
+}
+}  // namespace
+
+TEST(Lora, MergeIntoADenseBaseMatchesFloat64AndUnmergeRestoresTheBits) {
+  for (int variant = 0; variant < 3; ++variant) {
+    for (DType dt : {DType::f64, DType::f32}) {
+      SCOPED_TRACE(str_cat("variant ", variant, " ", dtype_name(dt)));
+      const int64_t in = 9, out = 6, r = 3;
+      nn::LoraConfig cfg{.r = r, .alpha = 6, .dropout = 0.25, .rslora = variant == 1, .dora = variant == 2};
+      Generator gen(test::fresh_seed());
+      nn::LoRA<nn::Linear> l(std::make_unique<nn::Linear>(random({out, in}, dt), random({out}, dt)), cfg, gen);
+      l.compute_dtype = dt;
+      randomize_adapter(l, dt);
+      l.train(false);
+      Tensor x = random({4, in}, dt);
+      const std::vector<double> before = l.forward(x).to_vector();
+      const Tensor w0 = l.base->weight;
+      const auto ref = ref_merged(w0.to_vector(), l.lora_A.to_vector(), l.lora_B.to_vector(),
+                                  cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>(), in, out, r,
+                                  cfg.scaling(), cfg.dora);
+      l.merge();
+      ASSERT_TRUE(l.merged());
+      EXPECT_EQ(l.base->weight.dtype(), dt);
+      EXPECT_FALSE(l.base->weight.requires_grad());
+      const double tol = dt == DType::f64 ? 1e-13 : 1e-6;
+      EXPECT_TRUE(test::all_close(l.base->weight, ref, tol, tol));
+      EXPECT_TRUE(test::all_close(l.forward(x), before, 10 * tol, 10 * tol));  // merged forward = adapter forward
+      l.train(true);  // while merged, training mode runs the merged base alone (no dropout draws)
+      const uint64_t off = l.dropout_offset;
+      EXPECT_TRUE(test::all_close(l.forward(x), before, 10 * tol, 10 * tol));
+      EXPECT_EQ(l.dropout_offset, off);
+      EXPECT_THROW(l.merge(), Error);
+      l.unmerge();
+      EXPECT_FALSE(l.merged());
+      EXPECT_TRUE(l.base->weight.same(w0));  // the original tensor, not W' − ΔW
+      l.train(false);
+      EXPECT_EQ(l.forward(x).to_vector(), before);
+      EXPECT_THROW(l.unmerge(), Error);
+    }
+  }
+}
+
+TEST(Lora, MergeIntoAnNf4BaseMakesADenseBf16LinearWithoutRequantizing) {
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(str_cat("variant ", variant));
+    const int64_t in = 200, out = 24, r = 4;  // blocks straddle rows
+    nn::LoraConfig cfg{.r = r, .alpha = 8, .rslora = variant == 1, .dora = variant == 2};
+    Generator gen(test::fresh_seed());
+    NF4Tensor q = nf4_quantize(random({out, in}, DType::f32, -0.1, 0.1));
+    Tensor bias = random({out}, DType::f32);
+    nn::LoRA<nn::LinearBase> l(std::make_unique<NF4LinearModule>(NF4Linear(q, bias)), cfg, gen);
+    randomize_adapter(l, DType::f32);
+    l.lora_B = (l.lora_B * 0.05).detach().requires_grad_();  // a LoRA-sized update of the weight
+    l.train(false);
+    nn::LinearBase* original = l.base.get();
+    Tensor x = random({5, in}, DType::f32);
+    const std::vector<double> before = l.forward(x).to_vector();
+    // Reference: the bf16 weight NF4Linear multiplies with, plus the f64 update, rounded once to bf16.
+    const auto ref = ref_merged(nf4_dequantize(q, DType::bf16).to_vector<double>(), l.lora_A.to_vector(),
+                                l.lora_B.to_vector(), cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>(),
+                                in, out, r, cfg.scaling(), cfg.dora);
+    l.merge();
+    auto* dense = dynamic_cast<nn::Linear*>(l.base.get());
+    ASSERT_NE(dense, nullptr) << "the merged base is a dense Linear";
+    EXPECT_EQ(dense->weight.dtype(), DType::bf16);
+    EXPECT_TRUE(dense->bias.same(bias) || dense->bias.to_vector() == bias.to_vector());
+    // Every weight is bf16(ref) up to a tie-break of the f32 intermediate: within one bf16 ulp, and
+    // almost all exactly.
+    const std::vector<double> got = dense->weight.to_vector();
+    int exact = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double r1 = double(float(bf16(float(ref[i]))));
+      EXPECT_LE(std::abs(got[i] - ref[i]), std::abs(ref[i]) / 128 + 1e-30) << i;
+      exact += got[i] == r1;
+    }
+    EXPECT_GE(exact, int(got.size()) * 99 / 100);
+    // The merged layer computes as NF4Linear does: bf16 operands, fp32 accumulation, bf16 results
+    // (the product and the bias add each round to bf16 here), output in x's dtype.
+    std::vector<double> xb = x.to(DType::bf16).to_vector(), bb = bias.to(DType::bf16).to_vector();
+    const std::vector<double> yv = [&] {
+      const Tensor y = l.forward(x);
+      EXPECT_EQ(y.dtype(), DType::f32);
+      return y.to_vector();
+    }();
+    for (int64_t p = 0; p < 5; ++p)
+      for (int64_t o = 0; o < out; ++o) {
+        double prod = 0;
+        for (int64_t i = 0; i < in; ++i) prod += xb[size_t(p * in + i)] * got[size_t(o * in + i)];
+        const double want = prod + bb[size_t(o)], have = yv[size_t(p * out + o)];
+        EXPECT_LE(std::abs(have - want), (std::abs(prod) + std::abs(want)) / 128 + 1e-6) << p << ", " << o;
+      }
+    EXPECT_TRUE(test::all_close(l.forward(x), before, 0.05, 0.02));  // the same function as the unmerged layer
+    bool listed = false;
+    for (auto& [name, t] : l.named_parameters())
+      if (name == "base_layer.weight") listed = t->dtype() == DType::bf16 && !t->requires_grad();
+    EXPECT_TRUE(listed) << "the merged weight is the base layer's parameter";
+    l.unmerge();
+    EXPECT_EQ(l.base.get(), original);
+    EXPECT_EQ(l.forward(x).to_vector(), before);
+  }
+}

@@ -7,6 +7,10 @@
 //   θ ← θ − (η / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε)
 // m and v are fp32 like the fp32 parameters they belong to; parameters without a gradient are
 // skipped (their step counter does not advance), as torch does.
+//
+// CUDA parameters are updated by the fused multi-tensor kernel (kernels/adamw.cuh): one step is a
+// few launches for all of them (not one per parameter), with the same fp32 operation order as the
+// CPU loop and no FMA contraction, so both give the same bits on the same inputs.
 #pragma once
 
 #include <cmath>
@@ -32,10 +36,37 @@ struct AdamWOptions {
   double eps = 1e-8;
 };
 
-// Fused CUDA step, registered by <tq/cuda.hpp>: updates θ, m, v in place for one parameter.
+// The fp32 constants of one update (torch's scalars, computed in double and rounded once).
+struct AdamWScalars {
+  float decay;      // 1 − lr·λ
+  float w1;         // 1 − β1 (lerp weight)
+  float b2, w2;     // β2, 1 − β2
+  float bc2_sqrt;   // √(1 − β2^t)
+  float eps;
+  float step_size;  // lr / (1 − β1^t)
+};
+inline AdamWScalars adamw_scalars(double lr, double wd, double beta1, double beta2, double eps, double step_size,
+                                  double bc2_sqrt) {
+  return {float(1.0 - lr * wd), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(bc2_sqrt), float(eps),
+          float(step_size)};
+}
+
+// One parameter of a fused CUDA step: dense f32 tensors of one shape on one CUDA device.
+struct AdamWTensorStep {
+  Tensor param, grad, m, v;
+  AdamWScalars scalars;
+};
+
+// Fused CUDA kernels, registered by <tq/cuda.hpp> (kernels/adamw.cuh).
 struct AdamWCudaKernels {
+  // Updates θ, m, v in place for one parameter.
   void (*step)(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, double lr, double wd,
                double beta1, double beta2, double eps, double step_size, double bc2_sqrt) = nullptr;
+  // Updates every listed parameter, many per launch.
+  void (*multi_step)(const std::vector<AdamWTensorStep>& items) = nullptr;
+  // clip_grad_norm over dense f32 CUDA gradients: fp32 per-tensor norms, their norm, grads scaled in place
+  // by min(1, max_norm / (total + 1e-6)) on the device; returns the pre-clip total (one host read).
+  double (*clip_grad_norm)(const std::vector<Tensor>& grads, double max_norm) = nullptr;
 };
 inline AdamWCudaKernels& cuda_adamw_kernels() {
   static AdamWCudaKernels k;
@@ -43,19 +74,20 @@ inline AdamWCudaKernels& cuda_adamw_kernels() {
 }
 
 namespace detail {
-// One AdamW update on dense fp32 CPU memory.
+// One AdamW update on dense fp32 CPU memory. The CUDA kernel performs these same fp32 operations in
+// this order.
+inline void adamw_update_cpu(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] *= s.decay;
+    m[i] += s.w1 * (g[i] - m[i]);
+    v[i] = v[i] * s.b2 + s.w2 * (g[i] * g[i]);
+    const float denom = std::sqrt(v[i]) / s.bc2_sqrt + s.eps;
+    p[i] -= s.step_size * (m[i] / denom);
+  }
+}
 inline void adamw_update_cpu(float* p, const float* g, float* m, float* v, int64_t n, double lr, double wd,
                              double beta1, double beta2, double eps, double step_size, double bc2_sqrt) {
-  const float decay = float(1.0 - lr * wd);
-  const float w1 = float(1.0 - beta1), b2 = float(beta2), w2 = float(1.0 - beta2);
-  const float bc2s = float(bc2_sqrt), epsf = float(eps), ss = float(step_size);
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] *= decay;
-    m[i] += w1 * (g[i] - m[i]);
-    v[i] = v[i] * b2 + w2 * (g[i] * g[i]);
-    const float denom = std::sqrt(v[i]) / bc2s + epsf;
-    p[i] -= ss * (m[i] / denom);
-  }
+  adamw_update_cpu(p, g, m, v, n, adamw_scalars(lr, wd, beta1, beta2, eps, step_size, bc2_sqrt));
 }
 }  // namespace detail
 
@@ -80,30 +112,37 @@ class AdamW {
   std::vector<ParamGroup>& groups() { return groups_; }
   const AdamWOptions& options() const { return opt_; }
 
+  // CPU parameters update one by one; all CUDA parameters together in one fused multi-tensor call.
   void step() {
+    std::vector<AdamWTensorStep> cuda_items;
     size_t k = 0;
     for (auto& g : groups_) {
       for (Tensor& p : g.params) {
         State& s = state_[k++];
         Tensor grad = p.grad();
         if (!grad.defined()) continue;
-        TQ_CHECK(grad.shape() == p.shape(), "AdamW: gradient ", describe(grad), " for parameter ", describe(p));
+        TQ_CHECK(grad.shape() == p.shape() && grad.device() == p.device(), "AdamW: gradient ", describe(grad),
+                 " for parameter ", describe(p));
         s.t += 1;
         const double bc1 = 1.0 - std::pow(opt_.beta1, double(s.t));
         const double bc2 = 1.0 - std::pow(opt_.beta2, double(s.t));
         const double step_size = g.lr / bc1;
         const double bc2_sqrt = std::sqrt(bc2);
+        const AdamWScalars sc =
+            adamw_scalars(g.lr, g.weight_decay, opt_.beta1, opt_.beta2, opt_.eps, step_size, bc2_sqrt);
         Tensor gf = grad.dtype() == DType::f32 ? grad.contiguous() : grad.to(DType::f32).contiguous();
         if (p.device().is_cuda()) {
-          TQ_CHECK(cuda_adamw_kernels().step != nullptr, "AdamW: no CUDA kernel registered (include <tq/cuda.hpp>)");
-          cuda_adamw_kernels().step(p, gf, s.m, s.v, g.lr, g.weight_decay, opt_.beta1, opt_.beta2, opt_.eps, step_size,
-                                    bc2_sqrt);
+          cuda_items.push_back({p, gf, s.m, s.v, sc});
         } else {
           detail::adamw_update_cpu(p.data<float>(), gf.data<float>(), s.m.data<float>(), s.v.data<float>(), p.numel(),
-                                   g.lr, g.weight_decay, opt_.beta1, opt_.beta2, opt_.eps, step_size, bc2_sqrt);
+                                   sc);
         }
       }
     }
+    if (cuda_items.empty()) return;
+    TQ_CHECK(cuda_adamw_kernels().multi_step != nullptr,
+             "AdamW: no CUDA kernel is available for CUDA parameters (include <tq/cuda.hpp> in one CUDA translation unit)");
+    cuda_adamw_kernels().multi_step(cuda_items);
   }
 
   void zero_grad() {

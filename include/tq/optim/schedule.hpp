@@ -32,11 +32,24 @@ struct LinearWarmupDecay {
 
 // torch.nn.utils.clip_grad_norm_: total = ‖(‖g_p‖₂)_p‖₂ over parameters with a gradient; every
 // gradient is multiplied by min(1, max_norm / (total + 1e-6)). Returns the pre-clip total.
+// CPU gradients: norms in f64. CUDA gradients (dense f32, as LoRA's are): one fused pass over all of
+// them (kernels/adamw.cuh: fp32 per-tensor norms like torch's _foreach_norm, the norm of the norms
+// and the clip coefficient on the device, one multi-tensor scale) and a single host read of the total.
 inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  bool fused = !grads.empty();
+  for (const Tensor& g : grads)
+    fused = fused && g.device().is_cuda() && g.dtype() == DType::f32 && g.is_contiguous() && g.device() == grads[0].device();
+  if (fused) {
+    TQ_CHECK(cuda_adamw_kernels().clip_grad_norm != nullptr,
+             "clip_grad_norm: no CUDA kernel is available for CUDA gradients (include <tq/cuda.hpp> in one CUDA "
+             "translation unit)");
+    return cuda_adamw_kernels().clip_grad_norm(grads, max_norm);
+  }
   std::vector<double> norms;
-  for (const Tensor& p : params) {
-    Tensor g = p.grad();
-    if (!g.defined()) continue;
+  for (const Tensor& g : grads) {
     Tensor sq = ops::reduce(ops::ReduceKind::sum, ops::unary(UnaryOp::square, g.to(DType::f64)), {}, false, "clip");
     norms.push_back(std::sqrt(sq.item<double>()));
   }
@@ -44,9 +57,7 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm)
   for (double n : norms) total += n * n;
   total = std::sqrt(total);
   const float coef = float(std::min(1.0, max_norm / (total + 1e-6)));
-  for (const Tensor& p : params) {
-    Tensor g = p.grad();
-    if (!g.defined()) continue;
+  for (Tensor g : grads) {
     Tensor scaled = ops::binary(BinaryOp::mul, g, Tensor::full({}, double(coef), DType::f32, g.device())).to(g.dtype());
     g.copy_(scaled);
   }

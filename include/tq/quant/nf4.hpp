@@ -17,8 +17,15 @@
 //     No public definition of that hardware table exists, so the CPU uses IEEE 1/x (with FTZ as the GPU
 //     does). A code can then differ only when the scaled value lies within ~1 ulp of a threshold; on the
 //     fixtures (5.2 M weights incl. the 1152×4304 SigLIP fc2 shape) zero codes differed.
-//   * offset: float32 rounding of the float64 mean (torch's CUDA reduction order is not reproduced; it
-//     matched on every fixture). Pass Nf4QuantizeOptions::offset to force a known value.
+//   * offset: float32 rounding of the float64 mean, summed in a fixed order (per 256-block partials, then
+//     the partials in order: nf4::absmax_mean) that the CUDA path reproduces bit for bit. torch's CUDA
+//     reduction order is not reproduced (it matched on every fixture). Pass Nf4QuantizeOptions::offset to
+//     force a known value.
+//
+// CUDA: an NF4Tensor whose tensors live on a CUDA device (nf4_quantize of a CUDA weight, or
+// NF4Tensor::to) quantizes and dequantizes through kernels/nf4.cuh (cuda_nf4_kernels()), bit-identical to
+// the functions below except for the reciprocal: CUDA uses bnb's rcp.approx.ftz.f32 by default
+// (Nf4QuantizeOptions::ieee_reciprocal selects the CPU's IEEE 1/x).
 #pragma once
 
 #include <array>
@@ -165,12 +172,50 @@ struct NF4Tensor {
   int64_t numel() const { return numel_of(shape); }
   int64_t num_blocks() const { return (numel() + nf4::kBlock - 1) / nf4::kBlock; }
   bool double_quant() const { return absmax.defined() && absmax.dtype() == DType::u8; }
+  Device device() const { return packed.device(); }
+
+  // The same quantized weight with its tensors on `d` (a copy; the host-side fields are shared).
+  NF4Tensor to(Device d) const {
+    NF4Tensor r = *this;
+    r.packed = packed.detach().to(d);
+    r.absmax = absmax.detach().to(d);
+    if (nested_absmax.defined()) r.nested_absmax = nested_absmax.detach().to(d);
+    return r;
+  }
 };
 
 struct Nf4QuantizeOptions {
   bool double_quant = true;     // compress_statistics (bnb_4bit_use_double_quant)
   std::optional<float> offset;  // force the double-quant offset (e.g. a stored torch mean) instead of the mean
+  // CUDA only: scale each block by the IEEE reciprocal of its absmax, as the CPU reference does, instead of
+  // bnb's rcp.approx.ftz.f32 (the default on CUDA, what bitsandbytes computes). The CPU always uses IEEE.
+  bool ieee_reciprocal = false;
 };
+
+// CUDA entry points, filled in by <tq/cuda.hpp> (kernels/nf4.cuh); empty in a CPU-only program.
+struct Nf4CudaKernels {
+  // nf4_quantize of a CUDA weight (f32/bf16/f16, contiguous): the NF4Tensor's tensors on that device.
+  NF4Tensor (*quantize)(const Tensor& w, const Nf4QuantizeOptions& opt) = nullptr;
+  // nf4_dequantize_into with q and out on one CUDA device.
+  void (*dequantize_into)(const NF4Tensor& q, const Tensor& out) = nullptr;
+  // The fused small-M product: y (M, N) bf16 = x (M, K) · dequant(W)ᵀ + bias, x bf16, W (N, K), M ≤ 16,
+  // bias (N) any float dtype or undefined; fp32 accumulation, bias added in fp32, one bf16 rounding.
+  Tensor (*linear_small_m)(const Tensor& x, const NF4Tensor& w, const Tensor& bias) = nullptr;
+};
+inline Nf4CudaKernels& cuda_nf4_kernels() {
+  static Nf4CudaKernels k;
+  return k;
+}
+
+namespace nf4 {
+// The CUDA table entry, or a tq::Error naming the op when no CUDA backend is compiled in.
+template <class Fn>
+Fn cuda_entry(Fn fn, const char* op) {
+  TQ_CHECK(fn != nullptr, op, ": no CUDA kernel is available for CUDA tensors in this program"
+           " (include <tq/cuda.hpp> in one CUDA translation unit)");
+  return fn;
+}
+}  // namespace nf4
 
 namespace nf4 {
 
@@ -206,9 +251,23 @@ inline void quantize_nested(const float* absmax, int64_t nb, float offset, uint8
   }
 }
 
+// mean(absmax) as the double-quant offset: summed in double per 256-block chunk (in order), the chunk sums
+// added in order, the mean rounded once to float. The CUDA path (kernels/nf4.cuh) sums in exactly this
+// order, so both give the same bits; a plain sequential sum would be hard to reproduce on the device.
+inline float absmax_mean(const float* absmax, int64_t nb) {
+  double total = 0;
+  for (int64_t lo = 0; lo < nb; lo += kNestedBlock) {
+    double part = 0;
+    for (int64_t i = lo; i < std::min(nb, lo + kNestedBlock); ++i) part += double(absmax[i]);
+    total += part;
+  }
+  return float(total / double(nb));
+}
+
 // The per-block absmax as dequantize_4bit sees it: am = f32(f32(DYN[q]·absmax2) + offset) (the add is a
 // separate torch op, no FMA) with double quant, else the stored f32 absmax.
 inline std::vector<float> block_absmax(const NF4Tensor& q) {
+  TQ_CHECK(q.device().is_cpu(), "nf4::block_absmax: the NF4 weight is on ", q.device().str(), " (a CPU helper)");
   const int64_t nb = q.num_blocks();
   std::vector<float> am(static_cast<size_t>(nb));
   Tensor a = q.absmax.contiguous();
@@ -226,8 +285,15 @@ inline std::vector<float> block_absmax(const NF4Tensor& q) {
 }  // namespace nf4
 
 // Quantizes w (f32, bf16 or f16; any shape, flattened row-major) as bnb's CUDA quantize_4bit(nf4) does.
+// A CUDA weight is quantized on its device (the result's tensors stay there).
 inline NF4Tensor nf4_quantize(const Tensor& w, const Nf4QuantizeOptions& opt = {}) {
-  TQ_CHECK(w.defined() && w.device().is_cpu(), "nf4_quantize: expected a CPU tensor, got ", describe(w));
+  TQ_CHECK(w.defined(), "nf4_quantize: undefined weight");
+  if (w.device().is_cuda()) {
+    nf4::torch_dtype_name(w.dtype());  // rejects other dtypes
+    TQ_CHECK(w.numel() > 0, "nf4_quantize: empty weight ", describe(w));
+    return nf4::cuda_entry(cuda_nf4_kernels().quantize, "nf4_quantize")(w, opt);
+  }
+  TQ_CHECK(w.device().is_cpu(), "nf4_quantize: expected a CPU or CUDA tensor, got ", describe(w));
   NF4Tensor q;
   q.dtype = w.dtype();
   nf4::torch_dtype_name(q.dtype);  // rejects other dtypes
@@ -244,13 +310,7 @@ inline NF4Tensor nf4_quantize(const Tensor& w, const Nf4QuantizeOptions& opt = {
     return q;
   }
   const float* am = absmax.data<float>();
-  if (opt.offset) {
-    q.offset = *opt.offset;
-  } else {
-    double sum = 0;
-    for (int64_t b = 0; b < nb; ++b) sum += am[b];
-    q.offset = float(sum / double(nb));
-  }
+  q.offset = opt.offset ? *opt.offset : nf4::absmax_mean(am, nb);
   q.absmax = Tensor::empty({nb}, DType::u8);
   q.nested_absmax = Tensor::empty({(nb + nf4::kNestedBlock - 1) / nf4::kNestedBlock}, DType::f32);
   nf4::quantize_nested(am, nb, q.offset, q.absmax.data<uint8_t>(), q.nested_absmax.data<float>());
@@ -260,9 +320,17 @@ inline NF4Tensor nf4_quantize(const Tensor& w, const Nf4QuantizeOptions& opt = {
 // Writes the dequantized weight into `out` (contiguous, q.shape, f32/bf16/f16): w = NF4[q]·am rounded once
 // to q.dtype (kDequantizeBlockwise<T>), then converted to out's dtype (a second rounding when they differ,
 // as MatMul4Bit's .to(bf16) does).
+// On CUDA (q and out on one device) this is one kernel, bit-identical to the CPU.
 inline void nf4_dequantize_into(const NF4Tensor& q, const Tensor& out) {
-  TQ_CHECK(out.defined() && out.is_contiguous() && out.shape() == q.shape && out.device().is_cpu(),
-           "nf4_dequantize: output ", describe(out), " must be a contiguous CPU tensor of shape ", q.shape);
+  TQ_CHECK(q.packed.defined() && out.defined() && out.is_contiguous() && out.shape() == q.shape &&
+               out.device() == q.device(),
+           "nf4_dequantize: output ", describe(out), " must be a contiguous tensor of shape ", q.shape, " on ",
+           q.packed.defined() ? q.device().str() : std::string("the weight's device"));
+  if (out.device().is_cuda()) {
+    TQ_CHECK(out.dtype() == DType::f32 || out.dtype() == DType::bf16 || out.dtype() == DType::f16,
+             "nf4_dequantize: output dtype must be f32, bf16 or f16, got ", dtype_name(out.dtype()));
+    return nf4::cuda_entry(cuda_nf4_kernels().dequantize_into, "nf4_dequantize")(q, out);
+  }
   const std::vector<float> am = nf4::block_absmax(q);
   Tensor packed = q.packed.contiguous();
   const uint8_t* p = packed.data<uint8_t>();
@@ -288,7 +356,7 @@ inline void nf4_dequantize_into(const NF4Tensor& q, const Tensor& out) {
 }
 
 inline Tensor nf4_dequantize(const NF4Tensor& q, std::optional<DType> out_dtype = std::nullopt) {
-  Tensor out = Tensor::empty(q.shape, out_dtype.value_or(q.dtype));
+  Tensor out = Tensor::empty(q.shape, out_dtype.value_or(q.dtype), q.device());
   nf4_dequantize_into(q, out);
   return out;
 }

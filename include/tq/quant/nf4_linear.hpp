@@ -6,7 +6,14 @@
 //   backward  dx = bf16(dy_bf16 · W_bf16) cast to x's dtype; no weight gradient (frozen), no bias gradient.
 // An f64 input runs the same math in f64 on the dequantized weight (a reference mode for gradient tests).
 // Invariant: the scratch never outlives a call's meaning — backward re-dequantizes instead of keeping W.
-// CUDA dispatch (later): small M → fused NF4 GEMV/GEMM on the packed codes; large M → dequant + our GEMM.
+// CUDA (weight, bias and input on one device; NF4Linear::to moves a layer):
+//   M ≤ kFusedMaxRows rows (decoding): the fused NF4 product on the packed codes (kernels/nf4.cuh), which
+//             never materializes W: fp32 accumulation, bias in fp32, one bf16 rounding; it takes the NF4
+//             codes as bf16 (as bnb's gemv_4bit does) and scales per 64-block partial sums, so it agrees
+//             with the dequantize path to bf16 accuracy, not bit for bit.
+//   larger M: dequantize into the reused bf16 scratch, then ops::matmul (bf16 in, fp32 accumulate, bf16
+//             out); a bias is added to that bf16 product (one more bf16 rounding than the CPU path).
+//   backward: the same dequantize + ops::matmul as the CPU path, on the device.
 #pragma once
 
 #include "tq/ops/elementwise.hpp"
@@ -31,9 +38,18 @@ class NF4Linear {
   const NF4Tensor& weight() const { return weight_; }
   const Tensor& bias() const { return bias_; }
 
-  // The dequantized weight in the compute dtype, in the reused scratch buffer: bf16 (out, in).
+  // Decoding batches up to this many rows run the fused NF4 product on CUDA.
+  static constexpr int64_t kFusedMaxRows = 16;
+
+  Device device() const { return weight_.device(); }
+  // This layer with its weight and bias on `d` (a new layer; its scratch is allocated on first use).
+  NF4Linear to(Device d) const { return NF4Linear(weight_.to(d), bias_.defined() ? bias_.to(d) : Tensor()); }
+
+  // The dequantized weight in the compute dtype, in the reused scratch buffer: bf16 (out, in), on the
+  // weight's device.
   const Tensor& dequantized_weight() {
-    if (!scratch_.defined() || scratch_.shape() != weight_.shape) scratch_ = Tensor::empty(weight_.shape, DType::bf16);
+    if (!scratch_.defined() || scratch_.shape() != weight_.shape || scratch_.device() != weight_.device())
+      scratch_ = Tensor::empty(weight_.shape, DType::bf16, weight_.device());
     nf4_dequantize_into(weight_, scratch_);
     return scratch_;
   }
@@ -43,15 +59,26 @@ class NF4Linear {
     TQ_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == in_features(), "NF4Linear: input ", describe(x),
              " does not match ", in_features(), " input features");
     TQ_CHECK(is_floating(x.dtype()), "NF4Linear: input must be a float tensor, got ", describe(x));
+    TQ_CHECK(x.device() == device() && (!bias_.defined() || bias_.device() == device()), "NF4Linear: input ",
+             describe(x), " is not on the layer's device ", device().str(), " (weight ", describe(weight_.packed),
+             ", bias ", describe(bias_), "; NF4Linear::to moves a layer)");
     const bool ref = x.dtype() == DType::f64;
-    const Tensor& w = dequantized_weight();
     Tensor x2 = x.detach().reshape({-1, in_features()});
-    // bf16 operands are exact in f32: one f32 GEMM + bias, then a single rounding, as cuBLAS' epilogue does.
-    const DType acc = ref ? DType::f64 : DType::f32;
-    Tensor xa = (ref ? x2 : x2.to(DType::bf16)).to(acc);
-    Tensor y = ops::matmul(xa, w.to(acc), false, true);
-    if (bias_.defined()) y = ops::binary(BinaryOp::add, y, (ref ? bias_ : bias_.to(DType::bf16)).to(acc));
-    if (!ref) y = y.to(DType::bf16);
+    Tensor y;
+    if (x.device().is_cuda() && !ref && x2.size(0) <= kFusedMaxRows) {
+      y = nf4::cuda_entry(cuda_nf4_kernels().linear_small_m, "NF4Linear")(x2.to(DType::bf16), weight_, bias_);
+    } else if (x.device().is_cuda() && !ref) {
+      y = ops::matmul(x2.to(DType::bf16), dequantized_weight(), false, true);
+      if (bias_.defined()) y = ops::binary(BinaryOp::add, y, bias_.to(DType::bf16));
+    } else {
+      const Tensor& w = dequantized_weight();
+      // bf16 operands are exact in f32: one f32 GEMM + bias, then a single rounding, as cuBLAS' epilogue does.
+      const DType acc = ref ? DType::f64 : DType::f32;
+      Tensor xa = (ref ? x2 : x2.to(DType::bf16)).to(acc);
+      y = ops::matmul(xa, w.to(acc), false, true);
+      if (bias_.defined()) y = ops::binary(BinaryOp::add, y, (ref ? bias_ : bias_.to(DType::bf16)).to(acc));
+      if (!ref) y = y.to(DType::bf16);
+    }
     Shape os(x.shape().begin(), x.shape().end() - 1);
     os.push_back(out_features());
     Tensor out = y.to(x.dtype()).reshape(os);
@@ -60,7 +87,7 @@ class NF4Linear {
     const Shape xs = x.shape();
     return record("nf4_linear", out, {x}, [wq, xdt, xs](const Tensor& g) {
       const bool r = xdt == DType::f64;
-      Tensor w_deq = nf4_dequantize(wq, DType::bf16);
+      Tensor w_deq = nf4_dequantize(wq, DType::bf16);  // on the weight's device
       Tensor g2 = g.detach().reshape({-1, wq.shape[0]});
       Tensor dx = r ? ops::matmul(g2.to(DType::f64), w_deq.to(DType::f64))
                     : ops::matmul(g2.to(DType::bf16), w_deq);  // bf16 in, fp32 accumulate, bf16 out

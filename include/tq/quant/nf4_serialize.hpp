@@ -147,7 +147,7 @@ inline std::string nf4_quant_state_json(const NF4Tensor& q) {
   return s + "}";
 }
 
-// The serialized tensors under `prefix` (the module path, e.g. "model.layers.0.mlp.down_proj").
+// The serialized tensors under `prefix` (the module path, e.g. "model.layers.0.mlp.down_proj"), on the CPU.
 inline std::vector<std::pair<std::string, Tensor>> nf4_to_state_dict(const std::string& prefix, const NF4Tensor& q) {
   auto table = [](const auto& bits) {
     std::vector<float> v;
@@ -158,10 +158,12 @@ inline std::vector<std::pair<std::string, Tensor>> nf4_to_state_dict(const std::
   Tensor blob_t = Tensor::empty({int64_t(blob.size())}, DType::u8);
   std::memcpy(blob_t.data_ptr(), blob.data(), blob.size());
   const std::string w = prefix + ".weight";
-  std::vector<std::pair<std::string, Tensor>> out = {
-      {w, q.packed.contiguous()}, {w + ".absmax", q.absmax.contiguous()}, {w + ".quant_map", table(nf4::kCodeBits)}};
+  // Always CPU tensors (the safetensors writer's input), also for a weight that lives on a device.
+  std::vector<std::pair<std::string, Tensor>> out = {{w, q.packed.detach().cpu().contiguous()},
+                                                     {w + ".absmax", q.absmax.detach().cpu().contiguous()},
+                                                     {w + ".quant_map", table(nf4::kCodeBits)}};
   if (q.double_quant()) {
-    out.emplace_back(w + ".nested_absmax", q.nested_absmax.contiguous());
+    out.emplace_back(w + ".nested_absmax", q.nested_absmax.detach().cpu().contiguous());
     out.emplace_back(w + ".nested_quant_map", table(nf4::kDynBits));
   }
   out.emplace_back(w + ".quant_state.bitsandbytes__nf4", blob_t);

@@ -1,0 +1,251 @@
+// NF4 kernels against their references, measured in the same run on the same GPU:
+//   nf4_dequantize/<out dtype>/K/N   dequantize of an (N, K) NF4 weight (double quant): GB/s over
+//                                    the bytes it must move (packed codes + absmax codes + nested
+//                                    absmax read, output written) and `vs_copy`, its ratio to a
+//                                    device-to-device copy of as many bytes timed in the same call.
+//   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16)
+//                                    or dequantize into a bf16 scratch + ops::matmul (M = 64), and
+//                                    cuBLAS bf16 (cublasGemmEx, fp32 compute) on a bf16 W of the same
+//                                    shape; `speedup` = cuBLAS time / NF4 time.
+//   nf4_linear_geomean_m1            the geometric mean of `speedup` at M = 1 over the five decode
+//                                    shapes (the acceptance figure: ≥ 3).
+// Each timed call reads a different copy of the weights (the copies span several L2 sizes), as
+// decoding streams every layer's weight from HBM; calls are captured into a CUDA graph so host
+// launch overhead is not measured; the figure is the median over iterations.
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include <tq/tq.hpp>
+
+#include "kernels/device.cuh"
+#include "kernels/nf4.cuh"
+
+namespace {
+
+using namespace tq;
+
+const Device kCuda = Device::cuda(0);
+constexpr size_t kWorkingSet = size_t(256) << 20;  // bytes of weights one pass over the copies touches
+
+bool have_gpu() {
+  static const int n = tq::cuda::device_count();
+  return n > 0;
+}
+
+#define TQ_CUBLAS_OK(expr)                                                                  \
+  do {                                                                                      \
+    const cublasStatus_t st_ = (expr);                                                      \
+    TQ_CHECK(st_ == CUBLAS_STATUS_SUCCESS, "cuBLAS error ", int(st_), " in ", #expr);       \
+  } while (0)
+
+int copies_for(size_t bytes) { return int(std::clamp<size_t>(kWorkingSet / std::max<size_t>(bytes, 1) + 1, 2, 512)); }
+
+Tensor random_device(const Shape& shape, DType dt, uint64_t offset, double std = 0.02) {
+  return random_tensor(Distribution::normal, shape, 7, offset, 0.0, std, dt, kCuda);
+}
+
+NF4Tensor clone_nf4(const NF4Tensor& q) {
+  NF4Tensor r = q;
+  r.packed = q.packed.clone();
+  r.absmax = q.absmax.clone();
+  if (q.nested_absmax.defined()) r.nested_absmax = q.nested_absmax.clone();
+  return r;
+}
+
+size_t nf4_bytes(const NF4Tensor& q) {
+  return q.packed.nbytes() + q.absmax.nbytes() + (q.nested_absmax.defined() ? q.nested_absmax.nbytes() : 0);
+}
+
+// Median seconds per call of `call(i)` (i = 0 .. reps-1), captured as one CUDA graph on a stream
+// that is current for tq ops while capturing, over kLaunches launches of the graph. Warm-up calls
+// run first, outside the capture.
+constexpr int kLaunches = 9;
+double time_graph(int reps, const std::function<void(int)>& call) {
+  tq::cuda::Stream stream;
+  StreamGuard guard(DeviceType::cuda, stream);
+  for (int i = 0; i < reps; ++i) call(i);
+  stream.synchronize();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < reps; ++i) call(i);
+  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+  stream.synchronize();
+  cudaEvent_t e0, e1;
+  TQ_CUDA_CHECK(cudaEventCreate(&e0));
+  TQ_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> per_call;
+  for (int it = 0; it < kLaunches; ++it) {
+    TQ_CUDA_CHECK(cudaEventRecord(e0, stream.get()));
+    TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+    TQ_CUDA_CHECK(cudaEventRecord(e1, stream.get()));
+    TQ_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    TQ_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    per_call.push_back(double(ms) * 1e-3 / reps);
+  }
+  TQ_CUDA_CHECK(cudaEventDestroy(e0));
+  TQ_CUDA_CHECK(cudaEventDestroy(e1));
+  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
+  std::sort(per_call.begin(), per_call.end());
+  return per_call[per_call.size() / 2];
+}
+
+// Reports `seconds` as every iteration's manual time.
+void report(benchmark::State& state, double seconds) {
+  for (auto _ : state) state.SetIterationTime(seconds);
+}
+
+// ---- dequantize vs copy ----
+
+void bm_dequantize(benchmark::State& state, DType out_dt, int64_t K, int64_t N) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const NF4Tensor q0 = nf4_quantize(random_device({N, K}, DType::bf16, 1));
+  const size_t out_bytes = size_t(N * K) * dtype_size(out_dt);
+  const double bytes = double(nf4_bytes(q0) + out_bytes);
+  const int copies = copies_for(nf4_bytes(q0) + out_bytes);
+  std::vector<NF4Tensor> qs;
+  std::vector<Tensor> outs;
+  for (int c = 0; c < copies; ++c) {
+    qs.push_back(clone_nf4(q0));
+    outs.push_back(Tensor::empty({N, K}, out_dt, kCuda));
+  }
+  const double t = time_graph(copies, [&](int i) { nf4_dequantize_into(qs[size_t(i)], outs[size_t(i)]); });
+  // A device-to-device copy moving as many bytes (half read, half written), over as many copies.
+  const int64_t half = int64_t(bytes / 2) / 16 * 16;
+  std::vector<Tensor> src, dst;
+  for (int c = 0; c < copies; ++c) {
+    src.push_back(Tensor::empty({half}, DType::u8, kCuda));
+    dst.push_back(Tensor::empty({half}, DType::u8, kCuda));
+  }
+  const double tc = time_graph(copies, [&](int i) {
+    TQ_CUDA_CHECK(cudaMemcpyAsync(dst[size_t(i)].data_ptr(), src[size_t(i)].data_ptr(), size_t(half),
+                                  cudaMemcpyDeviceToDevice, tq::cuda::current_stream()));
+  });
+  report(state, t);
+  state.counters["GB/s"] = bytes / t * 1e-9;
+  state.counters["copy_GB/s"] = 2.0 * double(half) / tc * 1e-9;
+  state.counters["vs_copy"] = (bytes / t) / (2.0 * double(half) / tc);
+  state.counters["us"] = t * 1e6;
+}
+
+// ---- NF4 linear vs cuBLAS bf16 ----
+
+struct LinearTimes {
+  double nf4 = 0, cublas = 0;
+};
+
+// Times y = x · Wᵀ (x (M, K) bf16, W (N, K)) through the NF4 path and through cuBLAS on bf16 W.
+// Throws tq::Error when the M > 16 path's ops::matmul has no CUDA kernel in this build.
+LinearTimes time_linear(int64_t M, int64_t K, int64_t N) {
+  LinearTimes r;
+  const NF4Tensor q0 = nf4_quantize(random_device({N, K}, DType::bf16, 2));
+  const int nq = copies_for(nf4_bytes(q0));
+  std::vector<NF4Tensor> qs;
+  for (int c = 0; c < nq; ++c) qs.push_back(clone_nf4(q0));
+  Tensor x = random_device({M, K}, DType::bf16, 3, 1.0);
+  Tensor y = Tensor::empty({M, N}, DType::bf16, kCuda);
+  if (M <= NF4Linear::kFusedMaxRows) {
+    // The fused kernel on preallocated buffers (NF4Linear adds only the output allocation).
+    const cuda::nf4k::SmallMPlan plan = cuda::nf4k::plan_small_m(N, K, qs[0].packed.data_ptr(), x.data_ptr(), 0);
+    Tensor ws = Tensor::empty({std::max<int64_t>(1, plan.workspace_floats(M, N))}, DType::f32, kCuda);
+    std::vector<cuda::nf4k::SmallMArgs> args(static_cast<size_t>(nq));
+    std::vector<std::vector<Tensor>> keep(static_cast<size_t>(nq));
+    for (int c = 0; c < nq; ++c) {
+      cuda::nf4k::SmallMArgs& a = args[size_t(c)];
+      a.packed = qs[size_t(c)].packed.data<uint8_t>();
+      a.sc = cuda::nf4k::scales_of(qs[size_t(c)], keep[size_t(c)]);
+      a.x = static_cast<const __nv_bfloat16*>(x.data_ptr());
+      a.y = static_cast<__nv_bfloat16*>(y.data_ptr());
+      a.partial = ws.data<float>();
+      a.M = int(M), a.N = N, a.K = K;
+    }
+    r.nf4 = time_graph(nq, [&](int i) {
+      cuda::nf4k::launch_small_m(args[size_t(i)], plan, cuda::nf4k::Round::bf16, 0, tq::cuda::current_stream());
+    });
+  } else {
+    Tensor scratch = Tensor::empty({N, K}, DType::bf16, kCuda);
+    r.nf4 = time_graph(nq, [&](int i) {
+      nf4_dequantize_into(qs[size_t(i)], scratch);
+      ops::matmul(x, scratch, false, true);
+    });
+  }
+  // cuBLAS on bf16 weights: column-major C (N, M) = Wᵀ(K, N)ᵀ · x(K, M).
+  const int nw = copies_for(size_t(N * K) * 2);
+  std::vector<Tensor> ws;
+  for (int c = 0; c < nw; ++c) ws.push_back(random_device({N, K}, DType::bf16, 10 + uint64_t(c)));
+  cublasHandle_t h = nullptr;
+  TQ_CUBLAS_OK(cublasCreate(&h));
+  Tensor cublas_ws = Tensor::empty({int64_t(32) << 20}, DType::u8, kCuda);
+  TQ_CUBLAS_OK(cublasSetWorkspace(h, cublas_ws.data_ptr(), cublas_ws.nbytes()));
+  const float alpha = 1.0f, beta = 0.0f;
+  r.cublas = time_graph(nw, [&](int i) {
+    TQ_CUBLAS_OK(cublasSetStream(h, tq::cuda::current_stream()));
+    TQ_CUBLAS_OK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(M), int(K), &alpha, ws[size_t(i)].data_ptr(),
+                              CUDA_R_16BF, int(K), x.data_ptr(), CUDA_R_16BF, int(K), &beta, y.data_ptr(), CUDA_R_16BF,
+                              int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
+  TQ_CUBLAS_OK(cublasDestroy(h));
+  return r;
+}
+
+void bm_linear(benchmark::State& state, int64_t M, int64_t K, int64_t N) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  LinearTimes t;
+  try {
+    t = time_linear(M, K, N);
+  } catch (const Error& e) {
+    return state.SkipWithError(e.what());  // e.g. ops::matmul without its CUDA kernel in this build
+  }
+  report(state, t.nf4);
+  state.counters["us"] = t.nf4 * 1e6;
+  state.counters["cublas_us"] = t.cublas * 1e6;
+  state.counters["speedup"] = t.cublas / t.nf4;
+  state.counters["weight_GB/s"] = double(N * K) * (0.5 + 1.0 / 64) / t.nf4 * 1e-9;
+}
+
+const int64_t kShapes[][2] = {{2048, 16384}, {16384, 2048}, {2048, 2048}, {1152, 4304}, {4304, 1152}};
+
+void bm_geomean_m1(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  double log_sum = 0, nf4_total = 0;
+  for (auto& kn : kShapes) {
+    const LinearTimes t = time_linear(1, kn[0], kn[1]);
+    log_sum += std::log(t.cublas / t.nf4);
+    nf4_total += t.nf4;
+    state.counters[str_cat("speedup_", kn[0], "x", kn[1])] = t.cublas / t.nf4;
+  }
+  report(state, nf4_total);
+  state.counters["geomean_speedup"] = std::exp(log_sum / 5.0);
+}
+
+struct Registrar {
+  Registrar() {
+    for (DType dt : {DType::bf16, DType::f32})
+      for (auto& kn : kShapes) {
+        const int64_t K = kn[0], N = kn[1];
+        benchmark::RegisterBenchmark(str_cat("nf4_dequantize/", dtype_name(dt), "/", K, "/", N).c_str(),
+                                     [=](benchmark::State& st) { bm_dequantize(st, dt, K, N); })
+            ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
+      }
+    for (int64_t M : {1, 4, 16, 64})
+      for (auto& kn : kShapes) {
+        const int64_t K = kn[0], N = kn[1];
+        benchmark::RegisterBenchmark(str_cat("nf4_linear/", M, "/", K, "/", N).c_str(),
+                                     [=](benchmark::State& st) { bm_linear(st, M, K, N); })
+            ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
+      }
+    benchmark::RegisterBenchmark("nf4_linear_geomean_m1", bm_geomean_m1)
+        ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
+  }
+} registrar;
+
+}  // namespace
