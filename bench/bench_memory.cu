@@ -3,14 +3,17 @@
 // output written once), over the median time of a launch. Inputs are random (never zeros) and
 // 512 MiB per tensor, several times the H200's 60 MB L2.
 //
-// tq_bench's one translation unit that includes <tq/cuda.hpp> (it registers the CUDA backend).
+// The CUDA backend itself comes from the tq_cuda_backend object linked into tq_bench.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <functional>
 #include <vector>
 
-#include <tq/cuda.hpp>
+#include <tq/tq.hpp>
+
+#include "kernels/copy.cuh"
+#include "kernels/device.cuh"
 
 namespace {
 
