@@ -1,7 +1,10 @@
 // Bandwidth of the memory-bound CUDA kernels against a device-to-device cudaMemcpyAsync measured in
 // the same run. GB/s counts the bytes each op must read plus write (each input read once, each
 // output written once), over the median time of a launch. Inputs are random (never zeros) and
-// 512 MiB per tensor, several times the H200's 60 MB L2.
+// 512 MiB per tensor, several times the H200's 60 MB L2 — except the model-shaped op benchmarks
+// (norms, RoPE, GeGLU, cross-entropy), which use the PaliGemma training shapes; their `of_copy`
+// counter is GB/s as a fraction of BM_memcpy_d2d's in the same run (acceptance: ≥ 0.70 for the
+// norms, RoPE and GeGLU).
 //
 // The CUDA backend itself comes from the tq_cuda_backend object linked into tq_bench.
 #include <benchmark/benchmark.h>
@@ -65,6 +68,12 @@ void time_device(benchmark::State& state, double bytes, const std::function<void
   state.counters["MB"] = bytes / 1e6;
 }
 
+// GB/s of BM_memcpy_d2d in this run (0 until it has run): the reference of the `of_copy` counters.
+double& copy_gbps() {
+  static double v = 0;
+  return v;
+}
+
 void BM_memcpy_d2d(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   Tensor a = random_device({kBytes / 4}, DType::f32, 1), b = Tensor::empty({kBytes / 4}, DType::f32, kCuda);
@@ -72,6 +81,13 @@ void BM_memcpy_d2d(benchmark::State& state) {
     TQ_CUDA_CHECK(cudaMemcpyAsync(b.data_ptr(), a.data_ptr(), size_t(kBytes), cudaMemcpyDeviceToDevice,
                                   tq::cuda::current_stream()));
   });
+  copy_gbps() = state.counters["GB/s"];
+}
+
+// time_device plus the fraction of the copy bandwidth.
+void time_op(benchmark::State& state, double bytes, const std::function<void()>& fn) {
+  time_device(state, bytes, fn);
+  if (copy_gbps() > 0 && state.counters.count("GB/s")) state.counters["of_copy"] = state.counters["GB/s"] / copy_gbps();
 }
 
 void BM_copy_kernel_f32(benchmark::State& state) {
@@ -169,6 +185,105 @@ void BM_random_bernoulli(benchmark::State& state, DType dt) {
   });
 }
 
+// ---- the model's memory-bound ops, at PaliGemma training shapes ----
+
+constexpr double kBf16 = 2, kF32 = 4;
+
+// Gemma RMSNorm: (B·T = 4576, 2048) bf16 activations, fp32 (1 + w) weight (QLoRA keeps norms fp32).
+void BM_rms_norm_fwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4576, D = 2048;
+  Tensor x = random_device({rows, D}, DType::bf16, 20), w = random_device({D}, DType::f32, 21);
+  time_op(state, 2 * kBf16 * double(rows * D) + kF32 * double(D),
+          [&] { Tensor y = ops::rms_norm(x, w, 1e-6, 1.0); });
+}
+
+// Reads g and x (and w), writes dx and dw.
+void BM_rms_norm_bwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4576, D = 2048;
+  Tensor x = random_device({rows, D}, DType::bf16, 22), g = random_device({rows, D}, DType::bf16, 23);
+  Tensor w = random_device({D}, DType::f32, 24);
+  time_op(state, 3 * kBf16 * double(rows * D) + 2 * kF32 * double(D), [&] {
+    ops::NormGrads r = ops::norm_backward(g, x, w, Tensor(), 1e-6, false, 1.0);
+  });
+}
+
+// SigLIP LayerNorm: (16 images · 256 patches, 1152) bf16 with bf16 weight and bias.
+void BM_layer_norm_fwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4096, D = 1152;
+  Tensor x = random_device({rows, D}, DType::bf16, 25), w = random_device({D}, DType::bf16, 26);
+  Tensor b = random_device({D}, DType::bf16, 27);
+  time_op(state, 2 * kBf16 * double(rows * D) + 2 * kBf16 * double(D),
+          [&] { Tensor y = ops::layer_norm(x, w, b, 1e-6); });
+}
+
+// Reads g, x, w; writes dx, dw, db.
+void BM_layer_norm_bwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4096, D = 1152;
+  Tensor x = random_device({rows, D}, DType::bf16, 28), g = random_device({rows, D}, DType::bf16, 29);
+  Tensor w = random_device({D}, DType::bf16, 30), b = random_device({D}, DType::bf16, 31);
+  time_op(state, 3 * kBf16 * double(rows * D) + 3 * kBf16 * double(D), [&] {
+    ops::NormGrads r = ops::norm_backward(g, x, w, b, 1e-6, true, 0.0);
+  });
+}
+
+// Gemma MLP: gelu_tanh(gate) ⊙ up over (4576, 16384) bf16.
+void BM_geglu_fwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4576, F = 16384;
+  Tensor gate = random_device({rows, F}, DType::bf16, 32), up = random_device({rows, F}, DType::bf16, 33);
+  time_op(state, 3 * kBf16 * double(rows * F), [&] { Tensor y = ops::geglu(gate, up); });
+}
+
+// Reads g, gate, up; writes d gate, d up.
+void BM_geglu_bwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t rows = 4576, F = 16384;
+  Tensor gate = random_device({rows, F}, DType::bf16, 34), up = random_device({rows, F}, DType::bf16, 35);
+  Tensor g = random_device({rows, F}, DType::bf16, 36);
+  time_op(state, 5 * kBf16 * double(rows * F), [&] { ops::GegluGrads r = ops::geglu_backward(g, gate, up); });
+}
+
+// Gemma queries (B, H, T, D) = (16, 8, 286, 256) bf16 at 1-based positions.
+void BM_rope(benchmark::State& state, bool backward) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t B = 16, H = 8, T = 286, D = 256;
+  Tensor x = random_device({B, H, T, D}, DType::bf16, 37);
+  Tensor pos = (Tensor::arange(T, DType::i64).reshape({1, T}).expand({B, T}).contiguous() + 1.0).to(kCuda);
+  time_op(state, 2 * kBf16 * double(B * H * T * D) + 8.0 * double(B * T), [&] {
+    Tensor y = backward ? ops::rope_backward(x, pos, 10000.0) : ops::rope(x, pos, 10000.0);
+  });
+}
+
+// The loss over (4576, 257216) bf16 logits: forward reads the logits once (plus targets).
+void BM_cross_entropy_fwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t N = 4576, V = 257216;
+  Tensor logits = random_device({N, V}, DType::bf16, 38);
+  Tensor targets = random_tensor(Distribution::uniform, {N}, 42, 39, 0, double(V), DType::f64, kCuda).to(DType::i64);
+  time_op(state, kBf16 * double(N * V) + 8.0 * double(N), [&] {
+    ops::CrossEntropyCudaResult r =
+        ops::cuda_cross_entropy_kernels().forward(logits, targets, -100, ops::CrossEntropyDivisor::count, 1.0);
+  });
+}
+
+// Backward reads the logits and writes dlogits.
+void BM_cross_entropy_bwd(benchmark::State& state) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const int64_t N = 4576, V = 257216;
+  Tensor logits = random_device({N, V}, DType::bf16, 40);
+  Tensor targets = random_tensor(Distribution::uniform, {N}, 42, 41, 0, double(V), DType::f64, kCuda).to(DType::i64);
+  ops::CrossEntropyCudaResult fwd =
+      ops::cuda_cross_entropy_kernels().forward(logits, targets, -100, ops::CrossEntropyDivisor::count, 1.0);
+  Tensor grad = Tensor::full({}, 1.0, DType::f32, kCuda);
+  time_op(state, 2 * kBf16 * double(N * V) + 8.0 * double(N), [&] {
+    Tensor d = ops::cuda_cross_entropy_kernels().backward(grad, fwd.divisor, logits, targets, fwd.lse, -100);
+  });
+}
+
 #define TQ_MEM_BENCH(...) BENCHMARK_CAPTURE(__VA_ARGS__)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond)
 
 BENCHMARK(BM_memcpy_d2d)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
@@ -188,5 +303,15 @@ TQ_MEM_BENCH(BM_reduce_sum_rows, f32, DType::f32);
 TQ_MEM_BENCH(BM_reduce_sum_all, bf16, DType::bf16);
 TQ_MEM_BENCH(BM_random_normal, f32, DType::f32);
 TQ_MEM_BENCH(BM_random_bernoulli, bf16, DType::bf16);
+BENCHMARK(BM_rms_norm_fwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_rms_norm_bwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_layer_norm_fwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_layer_norm_bwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_geglu_fwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_geglu_bwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+TQ_MEM_BENCH(BM_rope, fwd, false);
+TQ_MEM_BENCH(BM_rope, bwd, true);
+BENCHMARK(BM_cross_entropy_fwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_cross_entropy_bwd)->UseManualTime()->Iterations(15)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

@@ -123,17 +123,19 @@ __global__ void __launch_bounds__(1024) finalize_kernel(C* __restrict__ loss, do
   }
 }
 
-// dlogits (N, V) from logits (N, V), lse (N), targets (N), grad () and divisor () (f64).
+// dlogits (N, V) from logits (N, V), lse (N), targets (N), grad () (the loss's compute dtype)
+// and divisor () (f64).
 template <class T>
 __global__ void __launch_bounds__(512) backward_kernel(T* __restrict__ dlogits, const T* __restrict__ logits,
                                                        const compute_t<T>* __restrict__ lse,
                                                        const int64_t* __restrict__ targets,
-                                                       const double* __restrict__ grad, const double* __restrict__ divisor,
-                                                       int64_t N, int64_t V, int64_t ignore_index) {
+                                                       const compute_t<T>* __restrict__ grad,
+                                                       const double* __restrict__ divisor, int64_t N, int64_t V,
+                                                       int64_t ignore_index) {
   using C = compute_t<T>;
   constexpr int VW = kVecWidth<T>;
   const double div = *divisor;
-  const C w = C(div > 0 ? *grad / div : 0.0);
+  const C w = C(div > 0 ? double(*grad) / div : 0.0);  // the CPU's g.item<double>() / div, then C(·)
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const int64_t t = targets[r];
     const bool sup = supervised(t, ignore_index, V, r, IndexOp::cross_entropy_backward);
@@ -212,7 +214,7 @@ inline Tensor cross_entropy_backward(const Tensor& grad, const Tensor& divisor, 
   const DType ct = ops::compute_dtype(logits.dtype());
   TQ_CHECK(grad.numel() == 1 && divisor.numel() == 1, "cross_entropy backward: expected scalar gradient and divisor, got ",
            describe(grad), " and ", describe(divisor));
-  Tensor g = dense_as(grad, DType::f64), div = dense_as(divisor, DType::f64), lse = dense_as(lse_in, ct);
+  Tensor g = dense_as(grad, ct), div = dense_as(divisor, DType::f64), lse = dense_as(lse_in, ct);
   Tensor out = Tensor::empty({N, V}, logits.dtype(), logits.device());
   if (out.numel() == 0) return out;
   const int dev = logits.device().index;
@@ -222,7 +224,7 @@ inline Tensor cross_entropy_backward(const Tensor& grad, const Tensor& divisor, 
     using C = compute_t<T>;
     backward_kernel<T><<<row_blocks(N, dev), 512, 0, current_stream()>>>(
         data_as<T>(out), data_as<const T>(logits), data_as<const C>(lse), data_as<const int64_t>(targets),
-        data_as<const double>(g), data_as<const double>(div), N, V, ignore_index);
+        data_as<const C>(g), data_as<const double>(div), N, V, ignore_index);
     check_launch();
   });
   return out;

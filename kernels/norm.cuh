@@ -4,8 +4,9 @@
 // - Statistics and the affine part run in compute_t<T> (fp32 for f32/bf16/f16, double for f64)
 //   with the CPU's formulas: two-pass mean and biased variance, rstd = 1/sqrt(var + eps) with IEEE
 //   sqrt and division, y = ((x − mean)·rstd)·(offset + w) + b with every product and sum rounded
-//   as on the CPU (no FMA), one rounding to x's dtype on store. weight/bias are first converted to
-//   the compute dtype, as the CPU's dense(w, ct) does, so any float dtype works for them.
+//   as on the CPU (no FMA), one rounding to x's dtype on store. weight/bias are read in x's dtype
+//   or the compute dtype (converted exactly on load, as the CPU's dense(w, ct)); another float
+//   dtype is first converted to the compute dtype. The common cases launch no conversion kernel.
 // - Rows that fit (at most 16 elements per thread at ≤ 512 threads, 16-byte aligned) are
 //   held in registers: x (and g) are read from global memory once and y (dx) written once. Other
 //   rows take a generic kernel that re-reads the row (from L1/L2) at any size and alignment.
@@ -29,14 +30,15 @@ inline constexpr int kMaxThreads = 512;  // threads per row in the cached kernel
 template <class T>
 inline constexpr int kMaxVectors = (sizeof(T) == 8 ? 8 : 16) / kVecWidth<T>;
 
-template <class C>
+// C: compute type; W: storage type of weight and bias (x's dtype or C).
+template <class C, class W>
 struct Params {
   int64_t rows = 0;
   int D = 0;
   C eps = 0, offset = 0;
   bool center = false;
-  const C* w = nullptr;  // (D) compute dtype, or null (no scale)
-  const C* b = nullptr;  // (D) compute dtype, or null (no shift)
+  const W* w = nullptr;  // (D) or null (no scale)
+  const W* b = nullptr;  // (D) or null (no shift)
 };
 
 template <class C>
@@ -49,22 +51,26 @@ template <class C>
 __device__ __forceinline__ C normalized(C x, const RowStats<C>& st) {
   return mul_rn(sub_rn(x, st.mean), st.rstd);
 }
-// The scale s_j = offset + w_j (1 without weight).
-template <class C>
-__device__ __forceinline__ C scale_at(const Params<C>& p, int j) {
-  return p.w ? add_rn(p.offset, p.w[j]) : C(1);
+// The scale s_j = offset + w_j (1 without weight), and the shift b_j.
+template <class C, class W>
+__device__ __forceinline__ C scale_at(const Params<C, W>& p, int j) {
+  return p.w ? add_rn(p.offset, convert<C>(p.w[j])) : C(1);
+}
+template <class C, class W>
+__device__ __forceinline__ C shifted(C v, const Params<C, W>& p, int j) {
+  return p.b ? add_rn(v, convert<C>(p.b[j])) : v;
 }
 
-template <class C>
-__device__ __forceinline__ RowStats<C> finish_stats(C sum_sq, const Params<C>& p, C mean) {
+template <class C, class P>
+__device__ __forceinline__ RowStats<C> finish_stats(C sum_sq, const P& p, C mean) {
   const C var = sum_sq / C(p.D);
   return {mean, C(1) / std::sqrt(var + p.eps)};
 }
 
 // Row statistics of a row held in registers: buf[k] is vector threadIdx.x + k·blockDim.x.
-template <class T, int MAXV, class C>
-__device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec,
-                                                    const Params<C>& p, C* red) {
+template <class T, int MAXV, class C, class P>
+__device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, const P& p,
+                                                    C* red) {
   constexpr int V = kVecWidth<T>;
   C mean = 0;
   if (p.center) {
@@ -89,8 +95,8 @@ __device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (
 }
 
 // Statistics of row xr (D elements, any alignment) read from global memory.
-template <class T, class C>
-__device__ __forceinline__ RowStats<C> generic_stats(const T* __restrict__ xr, const Params<C>& p, C* red) {
+template <class T, class C, class P>
+__device__ __forceinline__ RowStats<C> generic_stats(const T* __restrict__ xr, const P& p, C* red) {
   C mean = 0;
   if (p.center) {
     C s = 0;
@@ -108,9 +114,9 @@ __device__ __forceinline__ RowStats<C> generic_stats(const T* __restrict__ xr, c
 // ---- forward ----
 
 // y (rows, D) = norm(x (rows, D)); one row per block iteration, the row in registers.
-template <class T, int MAXV>
+template <class T, class W, int MAXV>
 __global__ void __launch_bounds__(kMaxThreads) forward_cached_kernel(T* __restrict__ y, const T* __restrict__ x,
-                                                                     Params<compute_t<T>> p) {
+                                                                     Params<compute_t<T>, W> p) {
   using C = compute_t<T>;
   constexpr int V = kVecWidth<T>;
   using VT = Vec<T, V>;
@@ -135,9 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_cached_kernel(T* __restri
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const int j = vi * V + e;
-        C v = mul_rn(normalized(convert<C>(buf[k].v[e]), st), scale_at(p, j));
-        if (p.b) v = add_rn(v, p.b[j]);
-        o.v[e] = convert<T>(v);
+        o.v[e] = convert<T>(shifted(mul_rn(normalized(convert<C>(buf[k].v[e]), st), scale_at(p, j)), p, j));
       }
       yr[vi] = o;
     }
@@ -145,19 +149,16 @@ __global__ void __launch_bounds__(kMaxThreads) forward_cached_kernel(T* __restri
 }
 
 // The same at any D and alignment: the row is re-read instead of held.
-template <class T>
+template <class T, class W>
 __global__ void __launch_bounds__(256) forward_generic_kernel(T* __restrict__ y, const T* __restrict__ x,
-                                                              Params<compute_t<T>> p) {
+                                                              Params<compute_t<T>, W> p) {
   using C = compute_t<T>;
   __shared__ C red[32];
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const T* xr = x + r * p.D;  // (D)
     const RowStats<C> st = generic_stats<T, C>(xr, p, red);
-    for (int j = threadIdx.x; j < p.D; j += blockDim.x) {
-      C v = mul_rn(normalized(convert<C>(xr[j]), st), scale_at(p, j));
-      if (p.b) v = add_rn(v, p.b[j]);
-      y[r * p.D + j] = convert<T>(v);
-    }
+    for (int j = threadIdx.x; j < p.D; j += blockDim.x)
+      y[r * p.D + j] = convert<T>(shifted(mul_rn(normalized(convert<C>(xr[j]), st), scale_at(p, j)), p, j));
   }
 }
 
@@ -167,11 +168,11 @@ __global__ void __launch_bounds__(256) forward_generic_kernel(T* __restrict__ y,
 // dw_j = Σ_rows g·x̂,  db_j = Σ_rows g.
 
 // dx (rows, D); part_w / part_b (gridDim.x, D) column partials of this block's rows (or null).
-template <class T, int MAXV>
+template <class T, class W, int MAXV>
 __global__ void __launch_bounds__(kMaxThreads) backward_cached_kernel(T* __restrict__ dx, compute_t<T>* __restrict__ part_w,
                                                                       compute_t<T>* __restrict__ part_b,
                                                                       const T* __restrict__ g, const T* __restrict__ x,
-                                                                      Params<compute_t<T>> p) {
+                                                                      Params<compute_t<T>, W> p) {
   using C = compute_t<T>;
   constexpr int V = kVecWidth<T>;
   using VT = Vec<T, V>;
@@ -184,18 +185,30 @@ __global__ void __launch_bounds__(kMaxThreads) backward_cached_kernel(T* __restr
 #pragma unroll
     for (int e = 0; e < V; ++e) acc_w[k][e] = acc_b[k][e] = C(0);
 
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    const VT* xr = reinterpret_cast<const VT*>(x + r * p.D);  // (D / V) vectors
+  // Rows of x and g (D / V vectors each) into registers.
+  auto load = [&](int64_t r, VT (&xs)[MAXV], VT (&gs)[MAXV]) {
+    const VT* xr = reinterpret_cast<const VT*>(x + r * p.D);
     const VT* gr = reinterpret_cast<const VT*>(g + r * p.D);
-    VT xb[MAXV], gb[MAXV];
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
       const int vi = threadIdx.x + k * blockDim.x;
       if (vi < nvec) {
-        xb[k] = xr[vi];
-        gb[k] = gr[vi];
+        xs[k] = xr[vi];
+        gs[k] = gr[vi];
       }
     }
+  };
+  VT xb[MAXV], gb[MAXV];
+  if (int64_t(blockIdx.x) < p.rows) load(blockIdx.x, xb, gb);
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    // The next row's loads are in flight while this row is reduced (few blocks run per SM).
+    VT xn[MAXV], gn[MAXV];
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      xn[k] = xb[k];  // defined values on the last row
+      gn[k] = gb[k];
+    }
+    if (r + gridDim.x < p.rows) load(r + gridDim.x, xn, gn);
     const RowStats<C> st = cached_stats<T, MAXV>(xb, nvec, p, red);
     C sum_g = 0, sum_gx = 0;
 #pragma unroll
@@ -228,6 +241,11 @@ __global__ void __launch_bounds__(kMaxThreads) backward_cached_kernel(T* __restr
       }
       dr[vi] = o;
     }
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      xb[k] = xn[k];
+      gb[k] = gn[k];
+    }
   }
   // Every column is owned by exactly one thread of the block: write the partials once.
 #pragma unroll
@@ -245,11 +263,11 @@ __global__ void __launch_bounds__(kMaxThreads) backward_cached_kernel(T* __restr
 
 // The same at any D and alignment. The partial row of this block lives in global memory (each
 // element owned by one thread), written on the block's first row and accumulated afterwards.
-template <class T>
+template <class T, class W>
 __global__ void __launch_bounds__(256) backward_generic_kernel(T* __restrict__ dx, compute_t<T>* __restrict__ part_w,
                                                                compute_t<T>* __restrict__ part_b,
                                                                const T* __restrict__ g, const T* __restrict__ x,
-                                                               Params<compute_t<T>> p) {
+                                                               Params<compute_t<T>, W> p) {
   using C = compute_t<T>;
   __shared__ C red[64];
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
@@ -277,10 +295,11 @@ __global__ void __launch_bounds__(256) backward_generic_kernel(T* __restrict__ d
   }
 }
 
-// out (D) f64 = Σ over the nparts rows of part (nparts, D), per column: 16 strided groups of rows
-// summed in double, then the groups in order. Block (32, 16) covers 32 columns.
-template <class C>
-__global__ void column_sum_kernel(double* __restrict__ out, const C* __restrict__ part, int64_t nparts, int64_t D) {
+// out (D) = Σ over the nparts rows of part (nparts, D), per column: 16 strided groups of rows
+// summed in double, then the groups in order, rounded once from double to O (as the CPU's
+// double column sums .to(weight dtype)). Block (32, 16) covers 32 columns.
+template <class C, class O>
+__global__ void column_sum_kernel(O* __restrict__ out, const C* __restrict__ part, int64_t nparts, int64_t D) {
   __shared__ double tile[16][33];
   const int64_t j = int64_t(blockIdx.x) * 32 + threadIdx.x;
   double acc = 0;
@@ -293,7 +312,7 @@ __global__ void column_sum_kernel(double* __restrict__ out, const C* __restrict_
   if (threadIdx.y == 0 && j < D) {
     double s = 0;
     for (int k = 0; k < 16; ++k) s += tile[k][threadIdx.x];
-    out[j] = s;
+    out[j] = double_to<O>(s);
   }
 }
 
@@ -342,32 +361,50 @@ void with_maxv(int maxv, F&& launch) {
   }
 }
 
-template <class C>
-Params<C> make_params(int64_t rows, int64_t D, double eps, bool center, double offset, const Tensor& w, const Tensor& b) {
-  Params<C> p;
+template <class C, class W>
+Params<C, W> make_params(int64_t rows, int64_t D, double eps, bool center, double offset, const Tensor& w,
+                         const Tensor& b) {
+  Params<C, W> p;
   p.rows = rows;
   p.D = int(D);
   p.eps = C(eps);
   p.offset = C(offset);
   p.center = center;
-  p.w = w.defined() ? data_as<const C>(w) : nullptr;
-  p.b = b.defined() ? data_as<const C>(b) : nullptr;
+  p.w = w.defined() ? data_as<const W>(w) : nullptr;
+  p.b = b.defined() ? data_as<const W>(b) : nullptr;
   return p;
+}
+
+// The dtype weight and bias are read in: x's dtype when both (those defined) have it, else the
+// compute dtype (what the CPU converts them to).
+inline DType affine_dtype(DType x, const Tensor& weight, const Tensor& bias) {
+  const bool as_x = (!weight.defined() || weight.dtype() == x) && (!bias.defined() || bias.dtype() == x);
+  return as_x ? x : ops::compute_dtype(x);
+}
+
+// Calls fn(W{}) for W the storage type of the affine dtype wdt (x's storage type T or compute_t<T>).
+template <class T, class F>
+void with_affine_type(DType wdt, F&& fn) {
+  if (wdt == dtype_of<T>::value) fn(T{});
+  else fn(compute_t<T>{});
 }
 
 // Σ over the partial rows (nparts, D) of the compute dtype, per column, in `out_dtype`.
 inline Tensor column_sums(const Tensor& part, int64_t nparts, int64_t D, DType out_dtype) {
-  Tensor out = Tensor::empty({D}, DType::f64, part.device());
+  Tensor out = Tensor::empty({D}, out_dtype, part.device());
   const dim3 block(32, 16);
   const unsigned blocks = unsigned((D + 31) / 32);
-  if (part.dtype() == DType::f64)
-    column_sum_kernel<double><<<blocks, block, 0, current_stream()>>>(data_as<double>(out), data_as<const double>(part),
-                                                                       nparts, D);
-  else
-    column_sum_kernel<float><<<blocks, block, 0, current_stream()>>>(data_as<double>(out), data_as<const float>(part),
-                                                                      nparts, D);
+  auto launch = [&](auto ctag) {
+    using C = decltype(ctag);
+    dispatch_float(out_dtype, "norm backward", [&](auto otag) {
+      using O = decltype(otag);
+      column_sum_kernel<C, O><<<blocks, block, 0, current_stream()>>>(data_as<O>(out), data_as<const C>(part), nparts, D);
+    });
+  };
+  if (part.dtype() == DType::f64) launch(double{});
+  else launch(float{});
   check_launch();
-  return out.to(out_dtype);
+  return out;
 }
 
 }  // namespace norm_detail
@@ -383,26 +420,29 @@ inline Tensor norm_forward(const Tensor& x_in, const Tensor& weight, const Tenso
   TQ_CHECK(D <= INT32_MAX, op, ": rows of ", D, " elements are too long for the CUDA kernel: ", describe(x_in));
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   if (rows == 0) return y;
-  const DType ct = ops::compute_dtype(x.dtype());
-  Tensor w = weight.defined() ? dense_as(weight, ct) : Tensor(), b = bias.defined() ? dense_as(bias, ct) : Tensor();
+  const DType wdt = affine_dtype(x.dtype(), weight, bias);
+  Tensor w = weight.defined() ? dense_as(weight, wdt) : Tensor(), b = bias.defined() ? dense_as(bias, wdt) : Tensor();
   const int dev = x.device().index;
   DeviceGuard guard(dev);
   dispatch_float(x.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    const Params<C> p = make_params<C>(rows, D, eps, center, offset, w, b);
-    T* py = data_as<T>(y);
-    const T* px = data_as<const T>(x);
-    const Plan plan = plan_rows<T>(D, {py, px});
-    const unsigned blocks = unsigned(std::min<int64_t>(rows, int64_t(sm_count(dev)) * 64));
-    if (plan.maxv == 0) {
-      forward_generic_kernel<T><<<blocks, plan.threads, 0, current_stream()>>>(py, px, p);
-    } else {
-      with_maxv<T>(plan.maxv, [&](auto m) {
-        forward_cached_kernel<T, decltype(m)::value><<<blocks, plan.threads, 0, current_stream()>>>(py, px, p);
-      });
-    }
-    check_launch();
+    with_affine_type<T>(wdt, [&](auto wtag) {
+      using W = decltype(wtag);
+      const Params<C, W> p = make_params<C, W>(rows, D, eps, center, offset, w, b);
+      T* py = data_as<T>(y);
+      const T* px = data_as<const T>(x);
+      const Plan plan = plan_rows<T>(D, {py, px});
+      const unsigned blocks = unsigned(std::min<int64_t>(rows, int64_t(sm_count(dev)) * 64));
+      if (plan.maxv == 0) {
+        forward_generic_kernel<T, W><<<blocks, plan.threads, 0, current_stream()>>>(py, px, p);
+      } else {
+        with_maxv<T>(plan.maxv, [&](auto m) {
+          forward_cached_kernel<T, W, decltype(m)::value><<<blocks, plan.threads, 0, current_stream()>>>(py, px, p);
+        });
+      }
+      check_launch();
+    });
   });
   return y;
 }
@@ -417,7 +457,8 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
   Tensor x = dense_as(x_in, kt), g = dense_as(grad_out, kt);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   TQ_CHECK(D <= INT32_MAX, op, ": rows of ", D, " elements are too long for the CUDA kernel: ", describe(x_in));
-  Tensor w = weight.defined() ? dense_as(weight, ct) : Tensor();
+  const DType wdt = affine_dtype(kt, weight, Tensor());
+  Tensor w = weight.defined() ? dense_as(weight, wdt) : Tensor();
   ops::NormGrads out;
   Tensor dx = Tensor::empty(x.shape(), kt, x.device());
   const int dev = x.device().index;
@@ -431,29 +472,32 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
   dispatch_float(kt, op, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
-    const Params<C> p = make_params<C>(rows, D, eps, center, offset, w, Tensor());
-    T* pdx = data_as<T>(dx);
-    const T* px = data_as<const T>(x);
-    const T* pg = data_as<const T>(g);
-    const Plan plan = plan_rows<T>(D, {pdx, px, pg});
-    // Few enough blocks that the (blocks, D) partials stay small (and in L2) next to the rows.
-    const int per_sm = std::max(1, std::min(4, 2048 / plan.threads));
-    const int64_t blocks = std::min<int64_t>(rows, int64_t(sm_count(dev)) * per_sm);
-    Tensor part_w = weight.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
-    Tensor part_b = bias.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
-    C* pw = part_w.defined() ? data_as<C>(part_w) : nullptr;
-    C* pb = part_b.defined() ? data_as<C>(part_b) : nullptr;
-    if (plan.maxv == 0) {
-      backward_generic_kernel<T><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(pdx, pw, pb, pg, px, p);
-    } else {
-      with_maxv<T>(plan.maxv, [&](auto m) {
-        backward_cached_kernel<T, decltype(m)::value><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(
-            pdx, pw, pb, pg, px, p);
-      });
-    }
-    check_launch();
-    if (pw) out.weight = column_sums(part_w, blocks, D, weight.dtype());
-    if (pb) out.bias = column_sums(part_b, blocks, D, bias.dtype());
+    with_affine_type<T>(wdt, [&](auto wtag) {
+      using W = decltype(wtag);
+      const Params<C, W> p = make_params<C, W>(rows, D, eps, center, offset, w, Tensor());
+      T* pdx = data_as<T>(dx);
+      const T* px = data_as<const T>(x);
+      const T* pg = data_as<const T>(g);
+      const Plan plan = plan_rows<T>(D, {pdx, px, pg});
+      // Few enough blocks that the (blocks, D) partials stay small (and in L2) next to the rows.
+      const int per_sm = std::max(1, std::min(4, 2048 / plan.threads));
+      const int64_t blocks = std::min<int64_t>(rows, int64_t(sm_count(dev)) * per_sm);
+      Tensor part_w = weight.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
+      Tensor part_b = bias.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
+      C* pw = part_w.defined() ? data_as<C>(part_w) : nullptr;
+      C* pb = part_b.defined() ? data_as<C>(part_b) : nullptr;
+      if (plan.maxv == 0) {
+        backward_generic_kernel<T, W><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(pdx, pw, pb, pg, px, p);
+      } else {
+        with_maxv<T>(plan.maxv, [&](auto m) {
+          backward_cached_kernel<T, W, decltype(m)::value><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(
+              pdx, pw, pb, pg, px, p);
+        });
+      }
+      check_launch();
+      if (pw) out.weight = column_sums(part_w, blocks, D, weight.dtype());
+      if (pb) out.bias = column_sums(part_b, blocks, D, bias.dtype());
+    });
   });
   out.x = dx.dtype() == x_in.dtype() ? dx : dx.to(x_in.dtype());
   return out;
