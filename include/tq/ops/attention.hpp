@@ -285,7 +285,7 @@ bool attention_row_probs(const AttentionMaskPlan& plan, int64_t b, int64_t pos, 
   return true;
 }
 
-// Pure forward on CPU tensors; out (B, Hq, Tq, Dv) in q's dtype.
+// Pure forward; out (B, Hq, Tq, Dv) in q's dtype (CUDA tensors run kernels/attention/, CPU ones the loop below).
 inline Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt = {}) {
   if (q.device().is_cuda()) return attention_forward_cuda(q, k, v, opt)[0];
   const AttentionMaskPlan plan = attention_plan(q, k, v, opt);
