@@ -4,6 +4,9 @@
 //
 // Per chunk of R rows (R from ops::linear_ce_chunk_rows: the chunk's logits ≤ 256 MiB):
 //   1. logits (R, V) in T = h_chunk · Wᵀ            our GEMM (bf16) / the SIMT kernel (f16/f32/f64)
+//   2-4, on sm_90 when rows are tiled by 16-byte vectors (bf16/f16/f32): row_cluster_kernel, one
+//      cluster of 8 CTAs per row holding the row in shared memory — each logit is read once and
+//      dlogits written once. Otherwise three kernels:
 //   2. partial_stats_kernel: each (row, segment) block folds its segment of the softcapped row
 //      into an online (max, Σexp) pair in fp32 — one read of the logits
 //   3. row_loss_kernel: per row, lse = merge of the segment pairs; loss_r = lse − y[t_r]
@@ -19,7 +22,10 @@
 // reads device memory (graph-capturable); a device target outside [0, V) makes its row NaN.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include <cfloat>
+#include <cstdlib>
 
 #include "kernels/copy.cuh"
 #include "kernels/matmul.cuh"
@@ -224,6 +230,132 @@ __global__ void __launch_bounds__(kBlock)
   });
 }
 
+// Steps 2-4 in one kernel that reads each logit once (sm_90, clusters): a cluster of
+// kClusterSize CTAs owns one row; each CTA copies its slice of the row into shared memory while
+// folding it into (max, Σexp), the CTAs exchange their pairs through distributed shared memory
+// (every CTA merges the same pairs in rank order, so all see the same lse), and the gradient is
+// written from shared memory. logits (rows, V) in T, 16-byte aligned rows; `slice` elements per
+// CTA, a multiple of the vector width; row_loss (rows).
+constexpr int kClusterSize = 8;
+constexpr size_t kClusterSliceBytes = 200 << 10;  // the largest slice kept in shared memory
+
+template <class T>
+__global__ void __launch_bounds__(kBlock)
+    row_cluster_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t ignore_index, int64_t V,
+                       int64_t slice, Softcap<T> sc, const compute_t<T>* __restrict__ scale, bool grad,
+                       compute_t<T>* __restrict__ row_loss) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using C = compute_t<T>;
+  namespace cg = cooperative_groups;
+  constexpr int W = kVecWidth<T>;
+  extern __shared__ __align__(16) unsigned char lce_slice_raw[];
+  Vec<T, W>* xs = reinterpret_cast<Vec<T, W>*>(lce_slice_raw);  // (slice / W) this CTA's part of the row
+  __shared__ C pair_m, pair_s, lse_shared;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank());
+  const int64_t row = blockIdx.x / kClusterSize, t = targets[row];
+  const bool ignored = t == ignore_index;
+  const int64_t begin = rank * slice, end = imin(V, begin + slice);
+  const int64_t nv = end > begin ? (end - begin) / W : 0;
+  Vec<T, W>* xg = reinterpret_cast<Vec<T, W>*>(logits + row * V + begin);  // (nv) the same part in global
+  MaxSum<C> acc{lowest<C>(), C(0)};
+  if (!ignored)
+#pragma unroll 4
+    for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+      const Vec<T, W> v = xg[k];
+      xs[k] = v;
+#pragma unroll
+      for (int e = 0; e < W; ++e) absorb(acc, sc.value(convert<C>(v.v[e])));
+    }
+  acc = block_merge(acc);
+  if (threadIdx.x == 0) pair_m = acc.m, pair_s = acc.s;
+  cluster.sync();  // every CTA's pair (and its whole slice) is written
+  if (threadIdx.x == 0) {
+    MaxSum<C> all{lowest<C>(), C(0)};
+    for (int r = 0; r < kClusterSize; ++r)
+      all = merge(all, MaxSum<C>{*cluster.map_shared_rank(&pair_m, r), *cluster.map_shared_rank(&pair_s, r)});
+    const bool valid = t >= 0 && t < V;
+    lse_shared = valid ? all.m + dev_log(all.s) : C(NAN);  // an invalid target: NaN loss and gradient
+  }
+  cluster.sync();  // lse_shared is visible, and no CTA leaves while another still reads its pair
+  if (ignored) {
+    if (rank == 0 && threadIdx.x == 0) row_loss[row] = C(0);
+    if (grad)
+      for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+        Vec<T, W> z;
+#pragma unroll
+        for (int e = 0; e < W; ++e) z.v[e] = convert<T>(C(0));
+        xg[k] = z;
+      }
+    return;
+  }
+  const C lse = lse_shared;
+  if (threadIdx.x == 0) {
+    if (t >= begin && t < end) {
+      const Vec<T, W> v = xs[(t - begin) / W];
+      row_loss[row] = lse - sc.value(convert<C>(v.v[(t - begin) % W]));
+    } else if (rank == 0 && !(t >= 0 && t < V)) {
+      row_loss[row] = lse;  // NaN
+    }
+  }
+  if (!grad) return;
+  const C s = *scale;
+  for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+    Vec<T, W> v = xs[k];
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      C d;
+      const C y = sc.value_and_deriv(convert<C>(v.v[e]), d);
+      const C p = dev_exp(y - lse);
+      v.v[e] = convert<T>(s * (p - (begin + k * W + e == t ? C(1) : C(0))) * d);
+    }
+    xg[k] = v;
+  }
+#else
+  __trap();  // launched only on sm_90 devices (cluster_path_fits)
+#endif
+}
+
+// Elements of the row each CTA of a cluster keeps (whole vectors), or 0 when the one-read path does
+// not apply: not sm_90, f64, rows not tiled by 16-byte vectors, or a slice over the budget.
+// TQ_LCE_TWO_PASS=1 in the environment forces the three-kernel path (tests compare the two).
+template <class T>
+int64_t cluster_slice(int64_t V, const void* logits, int device) {
+  constexpr int64_t W = kVecWidth<T>;
+  if (std::is_same_v<T, double> || device_properties(device).major < 9) return 0;
+  if (const char* e = std::getenv("TQ_LCE_TWO_PASS"); e != nullptr && e[0] == '1') return 0;
+  if (V % W != 0 || !aligned_to(logits, 16)) return 0;
+  const int64_t slice = (V / W + kClusterSize - 1) / kClusterSize * W;
+  return slice * int64_t(sizeof(T)) <= int64_t(kClusterSliceBytes) ? slice : 0;
+}
+
+template <class T>
+void launch_row_cluster(T* logits, const int64_t* targets, int64_t ignore_index, int64_t rows, int64_t V,
+                        int64_t slice, Softcap<T> sc, const compute_t<T>* scale, bool grad,
+                        compute_t<T>* row_loss, cudaStream_t st) {
+  static const bool attr_set = [] {
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(row_cluster_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(kClusterSliceBytes)));
+    return true;
+  }();
+  (void)attr_set;
+  TQ_CHECK(rows * kClusterSize <= int64_t(INT32_MAX), "linear_cross_entropy: too many rows in one chunk (", rows, ")");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(rows * kClusterSize));
+  cfg.blockDim = dim3(kBlock);
+  cfg.dynamicSmemBytes = size_t(slice) * sizeof(T);
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kClusterSize;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, row_cluster_kernel<T>, logits, targets, ignore_index, V, slice, sc, scale,
+                                   grad, row_loss));
+}
+
 // Before the chunks: the divisor (normalizer, or the supervised-row count) and scale = 1/divisor.
 template <class C>
 __global__ void __launch_bounds__(kBlock)
@@ -292,6 +424,27 @@ struct Workspace {
   }
 };
 
+// Steps 2-4 as three kernels (any dtype, any V): one read for the statistics, one read and one
+// write for the gradient (its blocks run in reverse, so the rows read last are still in L2).
+template <class T>
+void two_pass_rows(const Workspace<T>& k, T* lg, const int64_t* tg, int64_t ignore_index, int64_t rows,
+                   const Segments& sg, const Softcap<T>& sc, bool grad, compute_t<T>* row_loss, cudaStream_t st) {
+  using C = compute_t<T>;
+  const int64_t units = rows * sg.count;
+  TQ_CHECK(units <= int64_t(INT32_MAX), "linear_cross_entropy: too many row segments in one chunk (", units, ")");
+  partial_stats_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg, ignore_index, sg, sc, k.template p<C>(k.part_max),
+                                                              k.template p<C>(k.part_sum));
+  check_launch();
+  row_loss_kernel<T><<<unsigned((rows + kBlock - 1) / kBlock), kBlock, 0, st>>>(
+      lg, tg, ignore_index, sg, sc, k.template p<C>(k.part_max), k.template p<C>(k.part_sum), rows,
+      k.template p<C>(k.lse), row_loss);
+  check_launch();
+  if (!grad) return;
+  grad_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg, ignore_index, sg, sc, k.template p<C>(k.lse),
+                                                     k.template p<C>(k.scale), units);
+  check_launch();
+}
+
 // h (n, D) and w (V, D) in T with unit column stride; targets (n) i64 dense on the device.
 template <class T>
 ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, const Tensor& targets,
@@ -309,6 +462,7 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
   T* lg = k.template p<T>(k.logits);
+  const int64_t slice = cluster_slice<T>(V, lg, dev.index);  // 0: the three-kernel path
   ops::LinearCrossEntropyResult res;
   res.loss = Tensor::empty({}, cdt, dev);
   if (want_h) res.grad_h = Tensor::empty({n, D}, cdt, dev);  // every row written by its chunk
@@ -317,25 +471,21 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
                                           k.template p<double>(k.divisor));
   check_launch();
   for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rows = std::min(R, n - r0), units = rows * sg.count;
+    const int64_t rows = std::min(R, n - r0);
     Product2d p;  // logits (rows, V) = h[r0 : r0+rows] (rows, D) · Wᵀ (D, V)
     p.M = rows, p.N = V, p.K = D, p.ab_dtype = ldt;
     p.a = {hp + r0 * hs, hs, 1};
     p.b = {wp, 1, ws};
     p.c = lg, p.ldc = V, p.c_dtype = ldt;
     run_product_2d(p, st);
-    TQ_CHECK(units <= int64_t(INT32_MAX), "linear_cross_entropy: too many row segments in one chunk (", units, ")");
-    partial_stats_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg + r0, opt.ignore_index, sg, sc,
-                                                                k.template p<C>(k.part_max), k.template p<C>(k.part_sum));
-    check_launch();
-    row_loss_kernel<T><<<unsigned((rows + kBlock - 1) / kBlock), kBlock, 0, st>>>(
-        lg, tg + r0, opt.ignore_index, sg, sc, k.template p<C>(k.part_max), k.template p<C>(k.part_sum), rows,
-        k.template p<C>(k.lse), k.template p<C>(k.row_loss) + r0);
-    check_launch();
+    if (slice > 0) {  // steps 2-4 reading every logit once
+      launch_row_cluster<T>(lg, tg + r0, opt.ignore_index, rows, V, slice, sc, k.template p<C>(k.scale),
+                            want_h || want_w, k.template p<C>(k.row_loss) + r0, st);
+    } else {
+      two_pass_rows<T>(k, lg, tg + r0, opt.ignore_index, rows, sg, sc, want_h || want_w, k.template p<C>(k.row_loss) + r0,
+                       st);
+    }
     if (!want_h && !want_w) continue;
-    grad_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg + r0, opt.ignore_index, sg, sc, k.template p<C>(k.lse),
-                                                       k.template p<C>(k.scale), units);
-    check_launch();
     if (want_h) {
       Product2d q;  // dh[r0 : r0+rows] (rows, D) = dlogits (rows, V) · W (V, D), fp32 out
       q.M = rows, q.N = D, q.K = V, q.ab_dtype = ldt;

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <random>
 #include <tuple>
 
@@ -41,7 +42,9 @@ Outcome run_on(const Device& dev, const Tensor& h, const Tensor& w, const Tensor
                const LinearCrossEntropyOptions& o, bool grad_w, bool device_targets = true) {
   Tensor hl = h.detach().to(dev).requires_grad_(true), wl = w.detach().to(dev).requires_grad_(grad_w);
   Tensor tg = device_targets ? targets.to(dev) : targets;
-  if (dev.is_cuda()) poison_pool(size_t(std::min<int64_t>(h.size(0), 512)) * w.size(0) * 4 + h.nbytes() * 4 + (1 << 20));
+  if (dev.is_cuda())  // the chunk's logits, dh, dW and the small buffers all start as NaN
+    poison_pool(std::min<size_t>(size_t(h.size(0)) * w.size(0) * 8, size_t(300) << 20) + h.nbytes() * 4 +
+                (grad_w ? w.nbytes() * 4 : 0) + (1 << 20));
   Tensor loss = linear_cross_entropy(hl, wl, tg, o);
   loss.backward(Tensor::full({}, 0.75, loss.dtype(), dev));
   return {loss, hl.grad(), wl.grad()};
@@ -100,6 +103,37 @@ TEST(GpuLinearCrossEntropy, WeightGradientAccumulatesOverChunks) {
       const LinearCrossEntropyOptions o{.softcap = 30.0, .chunk_rows = chunk};
       expect_same(run_on(kCuda, h, w, t, o, true), run_on(Device::cpu(), h, w, t, o, true), dt, true);
     }
+}
+
+// The one-read cluster kernel (sm_90, rows of whole 16-byte vectors) and the three-kernel path
+// (forced by TQ_LCE_TWO_PASS=1) against the CPU and against each other, at the model's vocabulary.
+TEST(GpuLinearCrossEntropy, ClusterAndThreeKernelPathsAgree) {
+  TQ_REQUIRE_GPU();
+  struct TwoPass {  // scoped: later tests see the default path again
+    TwoPass() { setenv("TQ_LCE_TWO_PASS", "1", 1); }
+    ~TwoPass() { unsetenv("TQ_LCE_TWO_PASS"); }
+  };
+  for (DType dt : {DType::bf16, DType::f32}) {
+    SCOPED_TRACE(str_cat(dt));
+    const auto [h, w] = inputs(300, 72, 4304, dt);
+    const Tensor t = random_targets(300, 4304);
+    const LinearCrossEntropyOptions o{.softcap = 30.0, .normalizer = 250.0, .chunk_rows = 128};
+    const Outcome ref = run_on(Device::cpu(), h, w, t, o, true);
+    const Outcome one_read = run_on(kCuda, h, w, t, o, true);
+    expect_same(one_read, ref, dt, true);
+    TwoPass forced;
+    expect_same(run_on(kCuda, h, w, t, o, true), ref, dt, true);
+  }
+  const auto [h, w] = inputs(600, 2048, 257216, DType::bf16);  // two chunks of the automatic size
+  const Tensor t = random_targets(600, 257216).to(kCuda), hd = h.to(kCuda), wd = w.to(kCuda);
+  const LinearCrossEntropyOptions o{.softcap = 30.0};
+  const ops::LinearCrossEntropyResult a = ops::linear_cross_entropy_forward(hd, wd, t, o, true, false);
+  TwoPass forced;
+  poison_pool(size_t(600) << 20);
+  const ops::LinearCrossEntropyResult b = ops::linear_cross_entropy_forward(hd, wd, t, o, true, false);
+  const double la = a.loss.item<double>();
+  EXPECT_NEAR(b.loss.item<double>(), la, 1e-5 * (1 + std::abs(la)));
+  EXPECT_TRUE(close(b.grad_h.cpu(), a.grad_h.cpu(), 1e-2));
 }
 
 // PaliGemma's vocabulary (V = 257216) with its hidden sizes: D = 2048 (PG1, no softcap) and

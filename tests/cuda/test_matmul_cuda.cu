@@ -58,6 +58,9 @@ TEST(GpuMatmul, VocabularyWideAndModelShapes) {
   expect_same([](const Tensor& p, const Tensor& q) { return ops::matmul(p, q, false, true); }, x, w, 1e-2);
   expect_same([](const Tensor& p, const Tensor& q) { return ops::matmul(p, q, true, false); }, x, x.narrow(1, 0, 264),
               1e-2);  // a weight-gradient shape: (K = 416)ᵀ
+  // dw 4544/2048/256 of bench_gemm: C (256, 2048) = dYᵀ·X with K = 4544 (split-K in one wave).
+  const Tensor dy = rnd({4544, 256}, DType::bf16, -1, 1), xs = rnd({4544, 2048}, DType::bf16, -1, 1);
+  expect_same([](const Tensor& p, const Tensor& q) { return ops::matmul(p, q, true, false); }, dy, xs, 1e-2);
 }
 
 TEST(GpuMatmul, VectorsAndBroadcastBatches) {
