@@ -6,7 +6,7 @@
 //   attn    : RoPE on q, k at explicit positions; scale head_dim^-½ (Gemma) or
 //             query_pre_attn_scalar^-½ (Gemma 2); softcap before the mask; sliding window on the
 //             layers config.layer_types marks; GQA as HF's repeat_kv.
-//   mlp     : down(gelu_tanh(gate(x)) ⊙ up(x))
+//   mlp     : down(gelu_tanh(gate(x)) ⊙ up(x))   (one fused GeGLU node)
 // The KV cache holds the rotated k and v of every layer; a decode step attends with query_offset
 // = cached length. Names follow HF's GemmaModel (embed_tokens, layers.{i}.self_attn.q_proj, norm).
 #pragma once
@@ -83,7 +83,11 @@ class GemmaMLP : public nn::Module {
     register_linear("down_proj", &down_proj);
   }
   Tensor forward(const Tensor& x) {
-    return down_proj->forward(activation(gate_proj->forward(x), act) * up_proj->forward(x));
+    Tensor gate = gate_proj->forward(x), up = up_proj->forward(x);
+    // Gemma's tanh-GELU gate runs as one fused GeGLU node (one kernel, one rounding); exact GELU
+    // (not used by any released PaliGemma) keeps the two-op form.
+    if (act != "gelu") return down_proj->forward(geglu(gate, up));
+    return down_proj->forward(activation(gate, act) * up);
   }
 };
 

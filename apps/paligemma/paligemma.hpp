@@ -10,7 +10,7 @@
 //   logits = norm(H)·Embᵀ, then the final softcap (Gemma 2) as the model was trained — HF ≥ 4.52
 //         (hf_compat) does not apply it (§5.6)
 //   loss: labels shifted by one (position t predicts labels[t+1]); logits are computed only at
-//         supervised rows; mean over them in fp32 (§7)
+//         supervised rows, a chunk at a time, fused with the fp32 cross-entropy (§7)
 // Parameter names are transformers ≥ 4.52's module names (model.vision_tower.vision_model...,
 // model.multi_modal_projector.linear, model.language_model.layers.{i}...), so peft adapter keys map.
 #pragma once
@@ -147,6 +147,18 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
     return logits.to(DType::f32);
   }
 
+  // Σ CE(lm_head(h_r), t_r) / normalizer over rows h (n, D) (normalizer 0: the mean over the
+  // supervised rows): the tied lm_head, the final softcap unless hf_compat, and the loss as one fused
+  // node that never holds all rows' logits (ops/linear_cross_entropy.hpp: the same numerics as
+  // lm_head followed by cross_entropy).
+  Tensor lm_loss(const Tensor& h, const Tensor& targets, double normalizer) {
+    LinearCrossEntropyOptions o;
+    o.ignore_index = config.ignore_index;
+    o.normalizer = normalizer;
+    o.softcap = options.hf_compat ? 0.0 : text().final_logit_softcapping;
+    return linear_cross_entropy(h, model->language_model.embed_tokens, targets, o);
+  }
+
   // Logits at every position (B, T, V), fp32.
   Tensor logits(const Batch& b) {
     const int64_t B = b.input_ids.size(0), T = b.input_ids.size(1);
@@ -168,9 +180,7 @@ class PaliGemmaForConditionalGeneration : public nn::Module {
     if (rows.empty()) return Tensor::zeros({}, DType::f32, device());  // HF: mean over nothing is NaN; 0 here
     const int64_t n = int64_t(rows.size());
     Tensor sel = index_select(h.reshape({B * T, D}), 0, on_device(Tensor::from_vector(rows, {n})));  // (n, D)
-    CrossEntropyOptions o;
-    o.ignore_index = config.ignore_index;
-    return cross_entropy(lm_head(sel), on_device(Tensor::from_vector(targets, {n})), o);
+    return lm_loss(sel, on_device(Tensor::from_vector(targets, {n})), 0.0);
   }
 
   Tensor loss(const Batch& b) {

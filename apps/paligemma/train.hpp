@@ -121,8 +121,7 @@ inline Tensor summed_loss(PaliGemmaForConditionalGeneration& m, const Batch& b, 
   Tensor h = m.hidden_states(b.input_ids, b.pixel_values, m.forward_positions(B, T), m.prompt_mask(b));
   const int64_t n = int64_t(s.rows.size()), D = h.size(2);
   Tensor sel = index_select(h.reshape({B * T, D}), 0, m.on_device(Tensor::from_vector(s.rows, {n})));
-  return cross_entropy_normalized(m.lm_head(sel), m.on_device(Tensor::from_vector(s.targets, {n})), normalizer,
-                                  m.config.ignore_index);
+  return m.lm_loss(sel, m.on_device(Tensor::from_vector(s.targets, {n})), normalizer);
 }
 
 inline int64_t count_supervised(const Batch& b, int64_t ignore_index) {
