@@ -153,6 +153,13 @@ __global__ void masked_scatter_backward_kernel(U* __restrict__ gx, U* __restrict
   }
 }
 
+// The scan's operator. Our own type rather than ::cuda::std::plus: nvcc's generated host stub
+// names kernel template arguments unqualified (`cuda::std::...`), which is ambiguous with tq::cuda
+// in any translation unit that says `using namespace tq;`.
+struct AddCounts {
+  __host__ __device__ int64_t operator()(int64_t a, int64_t b) const { return a + b; }
+};
+
 // rank (n) i64 = exclusive prefix count of the dense bool mask (n).
 inline Tensor mask_ranks(const Tensor& mask) {
   const int64_t n = mask.numel();
@@ -160,10 +167,10 @@ inline Tensor mask_ranks(const Tensor& mask) {
   const uint8_t* pm = data_as<const uint8_t>(mask);
   int64_t* pr = data_as<int64_t>(rank);
   size_t bytes = 0;
-  TQ_CUDA_CHECK(cub::DeviceScan::ExclusiveScan(nullptr, bytes, pm, pr, ::cuda::std::plus<>{}, int64_t(0), n,
+  TQ_CUDA_CHECK(cub::DeviceScan::ExclusiveScan(nullptr, bytes, pm, pr, AddCounts{}, int64_t(0), n,
                                                current_stream()));
   Tensor temp = Tensor::empty({int64_t(std::max<size_t>(bytes, 1))}, DType::u8, mask.device());
-  TQ_CUDA_CHECK(cub::DeviceScan::ExclusiveScan(temp.data_ptr(), bytes, pm, pr, ::cuda::std::plus<>{}, int64_t(0), n,
+  TQ_CUDA_CHECK(cub::DeviceScan::ExclusiveScan(temp.data_ptr(), bytes, pm, pr, AddCounts{}, int64_t(0), n,
                                                current_stream()));
   return rank;
 }

@@ -32,6 +32,8 @@ struct Geom {
   int64_t B, H, T, D, Bp;
 };
 
+inline constexpr int kHeadsPerBatch = 4;  // heads loaded together (their loads overlap the trig)
+
 // out (B, H, T, D) = rope(x) or its backward; item = (b, t, group of V frequencies), all heads.
 template <class T, int V>
 __global__ void __launch_bounds__(256) rope_kernel(T* __restrict__ out, const T* __restrict__ x,
@@ -44,39 +46,48 @@ __global__ void __launch_bounds__(256) rope_kernel(T* __restrict__ out, const T*
        item += int64_t(gridDim.x) * blockDim.x) {
     const int64_t bt = item / groups, q = item - bt * groups;
     const int64_t b = bt / g.T, t = bt - b * g.T;
-    const float p = float(pos[(g.Bp == 1 ? 0 : b) * g.T + t]);
     C cs[V], sn[V];
+    for (int64_t h0 = 0; h0 < g.H; h0 += kHeadsPerBatch) {
+      VT x1[kHeadsPerBatch], x2[kHeadsPerBatch];  // x[..., i] and x[..., i + D/2] of heads h0 + u
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const float ang = __fmul_rn(p, f.inv_freq[q * V + e]);
-      double sd, cd;
-      sincos(double(ang), &sd, &cd);
-      cs[e] = round_to<T>(C(float(cd)));
-      sn[e] = round_to<T>(C(float(sd)));
-    }
-#pragma unroll 4
-    for (int64_t h = 0; h < g.H; ++h) {
-      const int64_t row = ((b * g.H + h) * g.T + t) * g.D;  // start of x[b, h, t, :]
-      const VT x1 = *reinterpret_cast<const VT*>(x + row + q * V);         // x[..., i]
-      const VT x2 = *reinterpret_cast<const VT*>(x + row + half + q * V);  // x[..., i + D/2]
-      VT o1, o2;
+      for (int u = 0; u < kHeadsPerBatch; ++u) {
+        if (h0 + u >= g.H) break;
+        const int64_t row = ((b * g.H + h0 + u) * g.T + t) * g.D;  // start of x[b, h, t, :]
+        x1[u] = *reinterpret_cast<const VT*>(x + row + q * V);
+        x2[u] = *reinterpret_cast<const VT*>(x + row + half + q * V);
+      }
+      if (h0 == 0) {  // cos/sin once per (b, t, i), evaluated while the first loads are in flight
+        const float p = float(pos[(g.Bp == 1 ? 0 : b) * g.T + t]);
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const C a = convert<C>(x1.v[e]), z = convert<C>(x2.v[e]);
-        if (!backward) {
-          // out[i] = x[i]·cos − x[i+D/2]·sin,  out[i+D/2] = x[i+D/2]·cos + x[i]·sin
-          const C l1 = round_to<T>(add_rn(round_to<T>(mul_rn(a, cs[e])), round_to<T>(mul_rn(-z, sn[e]))));
-          const C l2 = round_to<T>(add_rn(round_to<T>(mul_rn(z, cs[e])), round_to<T>(mul_rn(a, sn[e]))));
-          o1.v[e] = convert<T>(l1);
-          o2.v[e] = convert<T>(l2);
-        } else {
-          // g[i]·cos + g[i+D/2]·sin,  g[i+D/2]·cos − g[i]·sin
-          o1.v[e] = convert<T>(add_rn(mul_rn(a, cs[e]), mul_rn(z, sn[e])));
-          o2.v[e] = convert<T>(add_rn(mul_rn(z, cs[e]), -mul_rn(a, sn[e])));
+        for (int e = 0; e < V; ++e) {
+          const float ang = __fmul_rn(p, f.inv_freq[q * V + e]);
+          double sd, cd;
+          sincos(double(ang), &sd, &cd);
+          cs[e] = round_to<T>(C(float(cd)));
+          sn[e] = round_to<T>(C(float(sd)));
         }
       }
-      *reinterpret_cast<VT*>(out + row + q * V) = o1;
-      *reinterpret_cast<VT*>(out + row + half + q * V) = o2;
+#pragma unroll
+      for (int u = 0; u < kHeadsPerBatch; ++u) {
+        if (h0 + u >= g.H) break;
+        VT o1, o2;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const C a = convert<C>(x1[u].v[e]), z = convert<C>(x2[u].v[e]);
+          if (!backward) {
+            // out[i] = x[i]·cos − x[i+D/2]·sin,  out[i+D/2] = x[i+D/2]·cos + x[i]·sin
+            o1.v[e] = convert<T>(round_to<T>(add_rn(round_to<T>(mul_rn(a, cs[e])), round_to<T>(mul_rn(-z, sn[e])))));
+            o2.v[e] = convert<T>(round_to<T>(add_rn(round_to<T>(mul_rn(z, cs[e])), round_to<T>(mul_rn(a, sn[e])))));
+          } else {
+            // g[i]·cos + g[i+D/2]·sin,  g[i+D/2]·cos − g[i]·sin
+            o1.v[e] = convert<T>(add_rn(mul_rn(a, cs[e]), mul_rn(z, sn[e])));
+            o2.v[e] = convert<T>(add_rn(mul_rn(z, cs[e]), -mul_rn(a, sn[e])));
+          }
+        }
+        const int64_t row = ((b * g.H + h0 + u) * g.T + t) * g.D;
+        *reinterpret_cast<VT*>(out + row + q * V) = o1;
+        *reinterpret_cast<VT*>(out + row + half + q * V) = o2;
+      }
     }
   }
 }
