@@ -112,6 +112,7 @@ inline std::vector<std::vector<int64_t>> greedy_generate(PaliGemmaForConditional
                                 smask, &cache);
     last = hs.select(1, 0);
   }
+  ops::check_device_index_errors(m.device());
   if (opt.stats) {
     opt.stats->rows = B;
     opt.stats->prefill_s = std::chrono::duration<double>(t1 - t0).count();

@@ -262,6 +262,7 @@ class Trainer {
         step_samples += b.input_ids.size(0);
       }
       samples += step_samples;
+      ops::check_device_index_errors(m_.device());  // an out-of-range id/target on the GPU: one clear error
       std::vector<Tensor> params = m_.trainable_parameters();
       const double gn = opt_.max_grad_norm > 0 ? optim::clip_grad_norm(params, opt_.max_grad_norm) : grad_norm(params);
       opt_groups_->step();
