@@ -140,6 +140,21 @@ __device__ __forceinline__ float block_scale(const Scales& s, const float* dyn, 
   return s.absmax_f32[b];
 }
 
+// block_scale in two halves, so that a kernel can issue the global loads early and finish later:
+// the raw values (the 8-bit code and the nested absmax, or the plain absmax), then the scale.
+struct RawScale {
+  uint32_t code;
+  float value;
+};
+__device__ __forceinline__ RawScale load_scale(const Scales& s, int64_t b) {
+  if (s.qabsmax != nullptr) return {s.qabsmax[b], s.absmax2[b >> 8]};
+  return {0u, s.absmax_f32[b]};
+}
+__device__ __forceinline__ float finish_scale(const Scales& s, const float* dyn, RawScale r) {
+  if (s.qabsmax != nullptr) return __fadd_rn(mul_ftz(dyn[r.code], r.value), s.offset);
+  return r.value;
+}
+
 __device__ __forceinline__ float round_through(float v, Round r) {
   if (r == Round::bf16) return __bfloat162float(__float2bfloat16_rn(v));
   if (r == Round::f16) return __half2float(__float2half_rn(v));
@@ -255,10 +270,11 @@ __device__ __forceinline__ void store8(Out* dst, const float (&v)[8]) {
 
 // out (n) = dequantized weight. vec: packed and out are 16-byte aligned, so every full 64-block is
 // two 16-byte loads and 16-byte stores; the remaining elements (and everything when !vec) go one by
-// one. Grid-stride over blocks, then over the tail.
-template <class Out>
+// one. Grid-stride over blocks, then over the tail. kRound: the QuantState dtype's rounding.
+template <class Out, Round kRound>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ out, const uint8_t* __restrict__ packed,
-                                                              Scales sc, int64_t n, Round rnd, bool vec, Tables tab) {
+                                                              Scales sc, int64_t n, bool vec, Tables tab) {
+  constexpr Round rnd = kRound;
   __shared__ float code[16];
   __shared__ float dyn[256];
   for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
@@ -388,18 +404,26 @@ __global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
-    uint2 curA, curB, nxtA, nxtB;
+    // Three units in flight while one computes: cur (j), nxt (j + 1), nn (j + 2), fetching j + 3.
+    uint2 curA, curB, nxtA, nxtB, nnA, nnB;
     fetch(j0, curA, curB);
     fetch(j0 + 1, nxtA, nxtB);
+    fetch(j0 + 2, nnA, nnB);
+    // Block scales, four units at a time: lane t of a group holds unit j + t's (am4), and the raw
+    // values of the next four units are loaded a group ahead (raw4) so no unit waits for them.
+    auto load_raw = [&](int jj, bool ok, int64_t b0) {
+      return ok && jj < j1 ? load_scale(a.sc, b0 + jj) : RawScale{0u, 0.0f};
+    };
+    RawScale raw4A = load_raw(j0 + t, okA, b0A), raw4B = load_raw(j0 + t, okB, b0B);
     float am4A = 0.0f, am4B = 0.0f;
     for (int j = j0; j < j1; ++j) {
-      uint2 nnA, nnB;
-      fetch(j + 2, nnA, nnB);  // two units in flight while this one computes
-      // Block scales of units j .. j+3: lane t computes unit j + t's, then the group shares them.
+      uint2 nnnA, nnnB;
+      fetch(j + 3, nnnA, nnnB);
       if (((j - j0) & 3) == 0) {
-        const int jj = j + t;
-        am4A = okA && jj < j1 ? block_scale(a.sc, dyn, b0A + jj) : 0.0f;
-        am4B = okB && jj < j1 ? block_scale(a.sc, dyn, b0B + jj) : 0.0f;
+        am4A = finish_scale(a.sc, dyn, raw4A);
+        am4B = finish_scale(a.sc, dyn, raw4B);
+        raw4A = load_raw(j + 4 + t, okA, b0A);
+        raw4B = load_raw(j + 4 + t, okB, b0B);
       }
       const int src = (lane & ~3) | ((j - j0) & 3);
       const float amA = __shfl_sync(0xffffffffu, am4A, src);
@@ -442,7 +466,7 @@ __global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
         acc[mt][2] = fmaf(amB, c[mt][2], acc[mt][2]);
         acc[mt][3] = fmaf(amB, c[mt][3], acc[mt][3]);
       }
-      curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB;
+      curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB, nnA = nnnA, nnB = nnnB;
     }
 
 #pragma unroll
@@ -615,22 +639,27 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   const Scales sc = scales_of(q, keep);
   Tensor packed = q.packed.contiguous();
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
-  const Round rnd = round_of(q.dtype);
   const bool vec = aligned_to(pp, 16) && aligned_to(out.data_ptr(), 16);
   const int64_t work = vec ? std::max<int64_t>(n / 64, n % 64) : n;
   const unsigned blocks = grid_for(work, kThreads, dev.index);
   cudaStream_t st = current_stream();
   const Tables& tab = tables();
+  auto launch = [&](auto out_tag, auto round_tag) {
+    using Out = decltype(out_tag);
+    constexpr Round R = decltype(round_tag)::value;
+    dequantize_kernel<Out, R><<<blocks, kThreads, 0, st>>>(static_cast<Out*>(out.data_ptr()), pp, sc, n, vec, tab);
+  };
+  auto with_round = [&](auto out_tag) {
+    switch (round_of(q.dtype)) {
+      case Round::f32: launch(out_tag, std::integral_constant<Round, Round::f32>{}); break;
+      case Round::bf16: launch(out_tag, std::integral_constant<Round, Round::bf16>{}); break;
+      case Round::f16: launch(out_tag, std::integral_constant<Round, Round::f16>{}); break;
+    }
+  };
   switch (out.dtype()) {
-    case DType::f32:
-      dequantize_kernel<float><<<blocks, kThreads, 0, st>>>(out.data<float>(), pp, sc, n, rnd, vec, tab);
-      break;
-    case DType::bf16:
-      dequantize_kernel<::tq::bf16><<<blocks, kThreads, 0, st>>>(out.data<::tq::bf16>(), pp, sc, n, rnd, vec, tab);
-      break;
-    case DType::f16:
-      dequantize_kernel<::tq::f16><<<blocks, kThreads, 0, st>>>(out.data<::tq::f16>(), pp, sc, n, rnd, vec, tab);
-      break;
+    case DType::f32: with_round(float{}); break;
+    case DType::bf16: with_round(::tq::bf16{}); break;
+    case DType::f16: with_round(::tq::f16{}); break;
     default: fail(str_cat("nf4_dequantize: output dtype must be f32, bf16 or f16, got ", dtype_name(out.dtype())));
   }
   check_launch();
