@@ -367,7 +367,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
-constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own work items
+constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range of tile-units
 
 // The tensor-core path. A unit j of a row is its flat 64-block b0(row) + j, i.e. the k in
 // [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows g and g+8 of a 16-row tile and, in every
@@ -376,7 +376,7 @@ constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own work 
 // piece (physical k = kl + 4s .. kl + 4s + 3) as logical k 2t, 2t+1, 2t+8, 2t+9 — x takes the same
 // mapping, so the sum over k is unchanged — and every step of a unit stays inside one 64-block of
 // every row of the tile, so the unit's fp32 partial sum is scaled by that block's absmax once.
-// MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments. Returns the fp32 sums of units
+// MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments. acc receives the fp32 sums of units
 // [j0, j1) for rows g, g+8 and tokens 2t, 2t+1 (+8 per token tile), as the mma's C fragment.
 template <int MT>
 __device__ __forceinline__ void tile_units(const SmallMArgs& a, const TileRows& tr, int j0, int j1,
