@@ -19,8 +19,9 @@
 //   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
 //   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
 //   multiplies that block's fp32 partial sum, the bias (rounded to bf16, as NF4Linear does) is
-//   added in fp32 and the output rounded once to bf16. Split-K partials go through an fp32
-//   workspace summed in a fixed order: results are deterministic (no atomics).
+//   added in fp32 and the output rounded once to bf16. Work is split stream-K style (every warp
+//   the same number of 64-block units); partial sums go through an fp32 workspace and are added in
+//   a fixed order: results are deterministic (no atomics).
 // The kernels that are not otherwise templates are templates on an unused parameter: every
 // translation unit that includes this header may instantiate them (a plain __global__ definition
 // in a header is a duplicate symbol at link time).
@@ -140,6 +141,21 @@ __device__ __forceinline__ float block_scale(const Scales& s, const float* dyn, 
   return s.absmax_f32[b];
 }
 
+// block_scale in two halves, so that a kernel can issue the global loads early and finish later:
+// the raw values (the 8-bit code and the nested absmax, or the plain absmax), then the scale.
+struct RawScale {
+  uint32_t code;
+  float value;
+};
+__device__ __forceinline__ RawScale load_scale(const Scales& s, int64_t b) {
+  if (s.qabsmax != nullptr) return {s.qabsmax[b], s.absmax2[b >> 8]};
+  return {0u, s.absmax_f32[b]};
+}
+__device__ __forceinline__ float finish_scale(const Scales& s, const float* dyn, RawScale r) {
+  if (s.qabsmax != nullptr) return __fadd_rn(mul_ftz(dyn[r.code], r.value), s.offset);
+  return r.value;
+}
+
 __device__ __forceinline__ float round_through(float v, Round r) {
   if (r == Round::bf16) return __bfloat162float(__float2bfloat16_rn(v));
   if (r == Round::f16) return __half2float(__float2half_rn(v));
@@ -255,10 +271,11 @@ __device__ __forceinline__ void store8(Out* dst, const float (&v)[8]) {
 
 // out (n) = dequantized weight. vec: packed and out are 16-byte aligned, so every full 64-block is
 // two 16-byte loads and 16-byte stores; the remaining elements (and everything when !vec) go one by
-// one. Grid-stride over blocks, then over the tail.
-template <class Out>
+// one. Grid-stride over blocks, then over the tail. kRound: the QuantState dtype's rounding.
+template <class Out, Round kRound>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ out, const uint8_t* __restrict__ packed,
-                                                              Scales sc, int64_t n, Round rnd, bool vec, Tables tab) {
+                                                              Scales sc, int64_t n, bool vec, Tables tab) {
+  constexpr Round rnd = kRound;
   __shared__ float code[16];
   __shared__ float dyn[256];
   for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
@@ -299,8 +316,8 @@ struct SmallMArgs {
   Scales sc;
   const __nv_bfloat16* x;     // (M, K) row-major
   const __nv_bfloat16* bias;  // (N) or null
-  __nv_bfloat16* y;           // (M, N) row-major; written directly when splits == 1
-  float* partial;             // (splits, M, N) fp32 partial sums when splits > 1
+  __nv_bfloat16* y;           // (M, N) row-major
+  float* partial;             // (segments, M, 16) fp32 partial sums of the tensor-core path
   int M;
   int64_t N, K;
   // Rows n ≡ r (mod P) share the block phase ψ_r = (r·K) mod 64, so one 16-row tile of a residue
@@ -308,9 +325,34 @@ struct SmallMArgs {
   int P;
   int64_t tiles_per_class;  // ceil(ceil(N / P) / 16)
   int64_t tiles;            // P · tiles_per_class
-  int units_per_split;      // 64-block units of K per work item
-  int splits;
+  int64_t units_per_tile;   // 64-block units per row, the most any residue class has (U)
+  int64_t units_per_warp;   // Q: warp w owns tile-units [w·Q, (w+1)·Q) of the tiles·U in tile-major order
+  int64_t total_units;      // tiles · U
 };
+
+// A tile's rows: tile = class r, 16 consecutive rows of that class; lane (g, t) owns rows g, g+8.
+struct TileRows {
+  int r, psi, units;  // residue class, block phase, this class's units per row
+  bool okA, okB;      // rows g, g+8 exist (< N)
+  int64_t nA, nB;     // their row indices
+  int64_t b0A, b0B;   // the flat 64-block each row starts in
+};
+__device__ __forceinline__ TileRows tile_rows(const SmallMArgs& a, int64_t tile, int g) {
+  TileRows tr;
+  tr.r = int(tile / a.tiles_per_class);
+  const int64_t tau = tile - int64_t(tr.r) * a.tiles_per_class;
+  const int64_t class_rows = tr.r < a.N ? (a.N - tr.r + a.P - 1) / a.P : 0;
+  const int64_t iA = 16 * tau + g, iB = iA + 8;
+  tr.okA = iA < class_rows;
+  tr.okB = iB < class_rows;
+  tr.nA = tr.r + int64_t(a.P) * iA;
+  tr.nB = tr.r + int64_t(a.P) * iB;
+  tr.psi = int((int64_t(tr.r) * a.K) & 63);
+  tr.units = int((tr.psi + a.K + 63) / 64);
+  tr.b0A = tr.okA ? (tr.nA * a.K) >> 6 : 0;
+  tr.b0B = tr.okB ? (tr.nB * a.K) >> 6 : 0;
+  return tr;
+}
 
 // d = A·B + c for one m16n8k16 tile (bf16 in, fp32 accumulate). Fragments as in the PTX ISA:
 // a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
@@ -325,155 +367,165 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
-constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own work items
+constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range of tile-units
 
-// Work item = (16-row tile of one residue class, range of 64-block units of K). A unit j of a row
-// is its flat block b0(row) + j, i.e. k ∈ [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows
-// g and g+8 of the tile and, in every unit, the 16 k starting at kl = 64j − ψ + 16t: 8 packed bytes
-// per row (one 8-byte load) and 16 x values per token (two 16-byte loads). In mma step s (0..3) it
-// feeds bytes 2s, 2s+1 of each row piece (physical k = kl + 4s .. kl + 4s + 3) as logical k 2t, 2t+1,
-// 2t+8, 2t+9 — x takes the same mapping, so the sum over k is unchanged — and every step of a unit
-// stays inside one 64-block of every row of the tile, so the unit's fp32 partial sum is scaled by
-// that block's absmax once. MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments.
+// The tensor-core path. A unit j of a row is its flat 64-block b0(row) + j, i.e. the k in
+// [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows g and g+8 of a 16-row tile and, in every
+// unit, the 16 k starting at kl = 64j − ψ + 16t: 8 packed bytes per row (one 8-byte load) and 16 x
+// values per token (two 16-byte loads). In mma step s (0..3) it feeds bytes 2s, 2s+1 of each row
+// piece (physical k = kl + 4s .. kl + 4s + 3) as logical k 2t, 2t+1, 2t+8, 2t+9 — x takes the same
+// mapping, so the sum over k is unchanged — and every step of a unit stays inside one 64-block of
+// every row of the tile, so the unit's fp32 partial sum is scaled by that block's absmax once.
+// MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments. acc receives the fp32 sums of units
+// [j0, j1) for rows g, g+8 and tokens 2t, 2t+1 (+8 per token tile), as the mma's C fragment.
+template <int MT>
+__device__ __forceinline__ void tile_units(const SmallMArgs& a, const TileRows& tr, int j0, int j1,
+                                           const uint32_t* my_pair, const float* dyn, float (&acc)[MT][4]) {
+  const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+  const float zero4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
+  // 8 packed bytes of rows A and B for unit j (zeros where the lane's k-range leaves the row or the
+  // row is past N: such pieces meet x = 0 below, and rows past N are never stored).
+  auto fetch = [&](int j, uint2& pa, uint2& pb) {
+    pa = make_uint2(0u, 0u);
+    pb = make_uint2(0u, 0u);
+    if (j >= j1) return;
+    const int64_t kl = int64_t(64) * j - tr.psi + 16 * t;
+    if (kl < 0 || kl + 16 > a.K) return;
+    if (tr.okA) pa = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0A + j) + 8 * t));
+    if (tr.okB) pb = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0B + j) + 8 * t));
+  };
+  // Three units in flight while one computes: cur (j), nxt (j + 1), nn (j + 2), fetching j + 3.
+  uint2 curA, curB, nxtA, nxtB, nnA, nnB;
+  fetch(j0, curA, curB);
+  fetch(j0 + 1, nxtA, nxtB);
+  fetch(j0 + 2, nnA, nnB);
+  // Block scales four units at a time: lane t of a group holds unit j + t's (am4); the raw values of
+  // the next four units are loaded a group ahead (raw4), so no unit waits for them.
+  auto load_raw = [&](int jj, bool ok, int64_t b0) { return ok && jj < j1 ? load_scale(a.sc, b0 + jj) : RawScale{0u, 0.0f}; };
+  RawScale raw4A = load_raw(j0 + t, tr.okA, tr.b0A), raw4B = load_raw(j0 + t, tr.okB, tr.b0B);
+  float am4A = 0.0f, am4B = 0.0f;
+  for (int j = j0; j < j1; ++j) {
+    uint2 nnnA, nnnB;
+    fetch(j + 3, nnnA, nnnB);
+    if (((j - j0) & 3) == 0) {
+      am4A = finish_scale(a.sc, dyn, raw4A);
+      am4B = finish_scale(a.sc, dyn, raw4B);
+      raw4A = load_raw(j + 4 + t, tr.okA, tr.b0A);
+      raw4B = load_raw(j + 4 + t, tr.okB, tr.b0B);
+    }
+    const int src = (lane & ~3) | ((j - j0) & 3);
+    const float amA = __shfl_sync(0xffffffffu, am4A, src);
+    const float amB = __shfl_sync(0xffffffffu, am4B, src);
+    const int64_t kl = int64_t(64) * j - tr.psi + 16 * t;
+    const bool kok = kl >= 0 && kl + 16 <= a.K;
+    uint32_t xw[MT][8];  // x[tok][kl .. kl+15] as bf16 pairs
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int tok = g + 8 * mt;
+      uint4 v0 = make_uint4(0u, 0u, 0u, 0u), v1 = v0;
+      if (kok && tok < a.M) {
+        const uint4* px = reinterpret_cast<const uint4*>(a.x + int64_t(tok) * a.K + kl);
+        v0 = __ldg(px);
+        v1 = __ldg(px + 1);
+      }
+      xw[mt][0] = v0.x, xw[mt][1] = v0.y, xw[mt][2] = v0.z, xw[mt][3] = v0.w;
+      xw[mt][4] = v1.x, xw[mt][5] = v1.y, xw[mt][6] = v1.z, xw[mt][7] = v1.w;
+    }
+    float c[MT][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t wa = s < 2 ? curA.x : curA.y, wb = s < 2 ? curB.x : curB.y;
+      const int sh = (s & 1) * 16;  // bytes 2s, 2s+1 of the piece
+      const uint32_t a0 = my_pair[((wa >> sh) & 0xFFu) << 5];
+      const uint32_t a2 = my_pair[((wa >> (sh + 8)) & 0xFFu) << 5];
+      const uint32_t a1 = my_pair[((wb >> sh) & 0xFFu) << 5];
+      const uint32_t a3 = my_pair[((wb >> (sh + 8)) & 0xFFu) << 5];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (s == 0) mma_16816(c[mt], a0, a1, a2, a3, xw[mt][0], xw[mt][1], zero4);  // a fresh sum per unit
+        else mma_16816(c[mt], a0, a1, a2, a3, xw[mt][2 * s], xw[mt][2 * s + 1], c[mt]);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] = fmaf(amA, c[mt][0], acc[mt][0]);
+      acc[mt][1] = fmaf(amA, c[mt][1], acc[mt][1]);
+      acc[mt][2] = fmaf(amB, c[mt][2], acc[mt][2]);
+      acc[mt][3] = fmaf(amB, c[mt][3], acc[mt][3]);
+    }
+    curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB, nnA = nnnA, nnB = nnnB;
+  }
+}
+
+// Stream-K over tile-units: warp w owns units [w·Q, (w+1)·Q) of the tiles·U tile-units in tile-major
+// order, so every warp has the same work. Each (warp, tile) segment stores its fp32 sums at segment
+// id w + tile (unique: a warp and a tile boundary each start a new segment); small_m_reduce_kernel
+// adds a tile's segments in warp order. partial: (segments, M, 16) with rows in tile order.
 template <int MT>
 __global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
     small_m_kernel(SmallMArgs a, Tables tab) {
   // pair[byte · 32 + lane] = bf16x2 {NF4[byte >> 4], NF4[byte & 15]}: replicated per lane so that a
   // warp's 32 lookups of random bytes hit 32 different banks (32 KB).
+  static_assert(kSmallMWarps * 32 == 256, "one thread per byte value builds the table");
   __shared__ uint32_t pair[256 * 32];
+  __shared__ uint32_t pair_of_byte[256];
   __shared__ float dyn[256];
-  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
-    const int byte = e >> 5;
+  {
+    const int byte = int(threadIdx.x);
     const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
     const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
-    pair[e] = lo | (hi << 16);
+    pair_of_byte[byte] = lo | (hi << 16);
+    dyn[byte] = tab.dyn[byte];
   }
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) pair[e] = pair_of_byte[e >> 5];
   __syncthreads();
 
   const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
-  const uint32_t* my_pair = pair + lane;
-  const float zero4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const int64_t items = a.tiles * a.splits;
-  const int64_t warps = int64_t(gridDim.x) * kSmallMWarps;
-  for (int64_t item = int64_t(blockIdx.x) * kSmallMWarps + (threadIdx.x >> 5); item < items; item += warps) {
-    const int split = int(item / a.tiles);
-    const int64_t tile = item - int64_t(split) * a.tiles;
-    const int r = int(tile / a.tiles_per_class);
-    const int64_t tau = tile - int64_t(r) * a.tiles_per_class;
-    const int64_t class_rows = r < a.N ? (a.N - r + a.P - 1) / a.P : 0;
-    const int64_t iA = 16 * tau + g, iB = iA + 8;  // tile rows g and g+8, as indices within the class
-    const bool okA = iA < class_rows, okB = iB < class_rows;
-    const int64_t nA = r + int64_t(a.P) * iA, nB = r + int64_t(a.P) * iB;
-    const int psi = int((int64_t(r) * a.K) & 63);
-    const int units = int((psi + a.K + 63) / 64);
-    const int j0 = split * a.units_per_split;
-    const int j1 = units < j0 + a.units_per_split ? units : j0 + a.units_per_split;
-    const int64_t b0A = okA ? (nA * a.K) >> 6 : 0, b0B = okB ? (nB * a.K) >> 6 : 0;
-
-    // 8 packed bytes of rows A and B for unit j (zeros where the lane's k-range leaves the row or
-    // the row is past N: such pieces meet x = 0 below, and invalid rows are never stored).
-    auto fetch = [&](int j, uint2& pa, uint2& pb) {
-      pa = make_uint2(0u, 0u);
-      pb = make_uint2(0u, 0u);
-      if (j >= j1) return;
-      const int64_t kl = int64_t(64) * j - psi + 16 * t;
-      if (kl < 0 || kl + 16 > a.K) return;
-      if (okA) pa = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (b0A + j) + 8 * t));
-      if (okB) pb = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (b0B + j) + 8 * t));
-    };
-
+  const int64_t w = int64_t(blockIdx.x) * kSmallMWarps + (threadIdx.x >> 5);
+  const int64_t U = a.units_per_tile;
+  int64_t u = w * a.units_per_warp;
+  const int64_t u_end = u + a.units_per_warp < a.total_units ? u + a.units_per_warp : a.total_units;
+  while (u < u_end) {  // one segment per tile the warp's range touches (uniform across the warp)
+    const int64_t tile = u / U;
+    const int j_begin = int(u - tile * U);
+    const int j_end = int(u_end - tile * U < U ? u_end - tile * U : U);
+    const TileRows tr = tile_rows(a, tile, g);
     float acc[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
-    uint2 curA, curB, nxtA, nxtB;
-    fetch(j0, curA, curB);
-    fetch(j0 + 1, nxtA, nxtB);
-    float am4A = 0.0f, am4B = 0.0f;
-    for (int j = j0; j < j1; ++j) {
-      uint2 nnA, nnB;
-      fetch(j + 2, nnA, nnB);  // two units in flight while this one computes
-      // Block scales of units j .. j+3: lane t computes unit j + t's, then the group shares them.
-      if (((j - j0) & 3) == 0) {
-        const int jj = j + t;
-        am4A = okA && jj < j1 ? block_scale(a.sc, dyn, b0A + jj) : 0.0f;
-        am4B = okB && jj < j1 ? block_scale(a.sc, dyn, b0B + jj) : 0.0f;
-      }
-      const int src = (lane & ~3) | ((j - j0) & 3);
-      const float amA = __shfl_sync(0xffffffffu, am4A, src);
-      const float amB = __shfl_sync(0xffffffffu, am4B, src);
-
-      const int64_t kl = int64_t(64) * j - psi + 16 * t;
-      const bool kok = kl >= 0 && kl + 16 <= a.K;
-      uint32_t xw[MT][8];  // x[tok][kl .. kl+15] as bf16 pairs
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int tok = g + 8 * mt;
-        uint4 v0 = make_uint4(0u, 0u, 0u, 0u), v1 = v0;
-        if (kok && tok < a.M) {
-          const uint4* px = reinterpret_cast<const uint4*>(a.x + int64_t(tok) * a.K + kl);
-          v0 = __ldg(px);
-          v1 = __ldg(px + 1);
-        }
-        xw[mt][0] = v0.x, xw[mt][1] = v0.y, xw[mt][2] = v0.z, xw[mt][3] = v0.w;
-        xw[mt][4] = v1.x, xw[mt][5] = v1.y, xw[mt][6] = v1.z, xw[mt][7] = v1.w;
-      }
-      float c[MT][4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const uint32_t wa = s < 2 ? curA.x : curA.y, wb = s < 2 ? curB.x : curB.y;
-        const int sh = (s & 1) * 16;  // bytes 2s, 2s+1 of the piece
-        const uint32_t a0 = my_pair[((wa >> sh) & 0xFFu) << 5];
-        const uint32_t a2 = my_pair[((wa >> (sh + 8)) & 0xFFu) << 5];
-        const uint32_t a1 = my_pair[((wb >> sh) & 0xFFu) << 5];
-        const uint32_t a3 = my_pair[((wb >> (sh + 8)) & 0xFFu) << 5];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if (s == 0) mma_16816(c[mt], a0, a1, a2, a3, xw[mt][0], xw[mt][1], zero4);  // a fresh sum per unit
-          else mma_16816(c[mt], a0, a1, a2, a3, xw[mt][2 * s], xw[mt][2 * s + 1], c[mt]);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] = fmaf(amA, c[mt][0], acc[mt][0]);
-        acc[mt][1] = fmaf(amA, c[mt][1], acc[mt][1]);
-        acc[mt][2] = fmaf(amB, c[mt][2], acc[mt][2]);
-        acc[mt][3] = fmaf(amB, c[mt][3], acc[mt][3]);
-      }
-      curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB;
-    }
-
+    tile_units<MT>(a, tr, j_begin, j_end < tr.units ? j_end : tr.units, pair + lane, dyn, acc);
+    float* seg = a.partial + (w + tile) * a.M * 16;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool rok = e < 2 ? okA : okB;
-        const int64_t n = e < 2 ? nA : nB;
         const int tok = 8 * mt + 2 * t + (e & 1);
-        if (!rok || tok >= a.M) continue;
-        if (a.splits == 1) {
-          const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
-          a.y[int64_t(tok) * a.N + n] = __float2bfloat16_rn(acc[mt][e] + b);
-        } else {
-          a.partial[(int64_t(split) * a.M + tok) * a.N + n] = acc[mt][e];
-        }
+        if (tok < a.M) seg[tok * 16 + g + (e < 2 ? 0 : 8)] = acc[mt][e];
       }
+    u += j_end - j_begin;
   }
 }
 
-// y[tok][n] = bf16(Σ_split partial[split][tok][n] (in order) + bias[n]).
+// y[tok][n] = bf16(Σ of the tile's segments in warp order + bias[n]): one thread per (tile row, tok).
 template <class = void>
-__global__ void small_m_reduce_kernel(const float* __restrict__ partial, int splits, int M, int64_t N,
-                                      const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y) {
-  const int64_t total = int64_t(M) * N;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i % N;
+__global__ void small_m_reduce_kernel(SmallMArgs a) {
+  const int64_t total = a.tiles * 16 * a.M;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t tile = idx / (16 * a.M);
+    const int rem = int(idx - tile * 16 * a.M), tok = rem / 16, i = rem % 16;
+    const TileRows tr = tile_rows(a, tile, i % 8);
+    const bool ok = i < 8 ? tr.okA : tr.okB;
+    if (!ok) continue;
+    const int64_t n = i < 8 ? tr.nA : tr.nB;
+    const int64_t w0 = tile * a.units_per_tile / a.units_per_warp;
+    const int64_t w1 = ((tile + 1) * a.units_per_tile - 1) / a.units_per_warp;
     float s = 0.0f;
-    for (int sp = 0; sp < splits; ++sp) s += partial[int64_t(sp) * total + i];
-    if (bias) s += __bfloat162float(bias[n]);
-    y[i] = __float2bfloat16_rn(s);
+    for (int64_t w = w0; w <= w1; ++w) s += a.partial[((w + tile) * a.M + tok) * 16 + i];
+    if (a.bias) s += __bfloat162float(a.bias[n]);
+    a.y[int64_t(tok) * a.N + n] = __float2bfloat16_rn(s);
   }
 }
 
@@ -615,36 +667,41 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   const Scales sc = scales_of(q, keep);
   Tensor packed = q.packed.contiguous();
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
-  const Round rnd = round_of(q.dtype);
   const bool vec = aligned_to(pp, 16) && aligned_to(out.data_ptr(), 16);
   const int64_t work = vec ? std::max<int64_t>(n / 64, n % 64) : n;
   const unsigned blocks = grid_for(work, kThreads, dev.index);
   cudaStream_t st = current_stream();
   const Tables& tab = tables();
+  auto launch = [&](auto out_tag, auto round_tag) {
+    using Out = decltype(out_tag);
+    constexpr Round R = decltype(round_tag)::value;
+    dequantize_kernel<Out, R><<<blocks, kThreads, 0, st>>>(static_cast<Out*>(out.data_ptr()), pp, sc, n, vec, tab);
+  };
+  auto with_round = [&](auto out_tag) {
+    switch (round_of(q.dtype)) {
+      case Round::f32: launch(out_tag, std::integral_constant<Round, Round::f32>{}); break;
+      case Round::bf16: launch(out_tag, std::integral_constant<Round, Round::bf16>{}); break;
+      case Round::f16: launch(out_tag, std::integral_constant<Round, Round::f16>{}); break;
+    }
+  };
   switch (out.dtype()) {
-    case DType::f32:
-      dequantize_kernel<float><<<blocks, kThreads, 0, st>>>(out.data<float>(), pp, sc, n, rnd, vec, tab);
-      break;
-    case DType::bf16:
-      dequantize_kernel<::tq::bf16><<<blocks, kThreads, 0, st>>>(out.data<::tq::bf16>(), pp, sc, n, rnd, vec, tab);
-      break;
-    case DType::f16:
-      dequantize_kernel<::tq::f16><<<blocks, kThreads, 0, st>>>(out.data<::tq::f16>(), pp, sc, n, rnd, vec, tab);
-      break;
+    case DType::f32: with_round(float{}); break;
+    case DType::bf16: with_round(::tq::bf16{}); break;
+    case DType::f16: with_round(::tq::f16{}); break;
     default: fail(str_cat("nf4_dequantize: output dtype must be f32, bf16 or f16, got ", dtype_name(out.dtype())));
   }
   check_launch();
 }
 
-// How one small-M product runs: the tensor-core kernel's work decomposition (fast), or the general
-// warp-per-row kernel.
+// How one small-M product runs: the tensor-core kernel's stream-K decomposition (fast), or the
+// general warp-per-row kernel.
 struct SmallMPlan {
   bool fast = false;  // K % 16 == 0 and 8-byte aligned codes, 16-byte aligned x
   int P = 1;
-  int64_t tiles_per_class = 0, tiles = 0;
-  int units_per_split = 0, splits = 1;
+  int64_t tiles_per_class = 0, tiles = 0, units_per_tile = 0, units_per_warp = 0, total_units = 0, warps = 0;
   unsigned ctas = 1;
-  int64_t workspace_floats(int64_t M, int64_t N) const { return fast && splits > 1 ? int64_t(splits) * M * N : 0; }
+  // Partial sums of the fast path: one (M, 16) slab per segment id w + tile.
+  int64_t workspace_floats(int64_t M) const { return fast ? (warps + tiles) * M * 16 : 0; }
 };
 
 inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const void* x, int device) {
@@ -657,23 +714,20 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
   p.P = int(64 / std::gcd(K, int64_t(64)));
   p.tiles_per_class = ((N + p.P - 1) / p.P + 15) / 16;
   p.tiles = p.P * p.tiles_per_class;
-  int64_t units_max = 0;
-  for (int r = 0; r < p.P; ++r) units_max = std::max(units_max, ((int64_t(r) * K) % 64 + K + 63) / 64);
-  // Enough items for about two per resident warp (3 CTAs of 8 warps per SM), never under 4 units each.
-  const int64_t sms = sm_count(device), resident = sms * 3 * kSmallMWarps;
-  int64_t splits = std::clamp<int64_t>((2 * resident + p.tiles - 1) / p.tiles, 1, std::max<int64_t>(1, units_max / 4));
-  const int64_t ups = (units_max + splits - 1) / splits;
-  splits = (units_max + ups - 1) / ups;
-  TQ_CHECK(ups <= INT32_MAX && splits <= INT32_MAX, "nf4 linear: K = ", K, " is too large");
-  p.units_per_split = int(ups);
-  p.splits = int(splits);
-  const int64_t items = p.tiles * splits;
-  p.ctas = unsigned(std::clamp<int64_t>((items + kSmallMWarps - 1) / kSmallMWarps, 1, sms * 3));
+  for (int r = 0; r < p.P; ++r) p.units_per_tile = std::max(p.units_per_tile, ((int64_t(r) * K) % 64 + K + 63) / 64);
+  p.total_units = p.tiles * p.units_per_tile;
+  // Every resident warp (3 CTAs of 8 warps per SM) gets the same number of units, at least 2.
+  const int64_t resident = int64_t(sm_count(device)) * 3 * kSmallMWarps;
+  const int64_t warps = std::clamp<int64_t>((p.total_units + 1) / 2, 1, resident);
+  p.units_per_warp = (p.total_units + warps - 1) / warps;
+  p.warps = (p.total_units + p.units_per_warp - 1) / p.units_per_warp;
+  p.ctas = unsigned((p.warps + kSmallMWarps - 1) / kSmallMWarps);
+  TQ_CHECK(p.units_per_tile <= INT32_MAX, "nf4 linear: K = ", K, " is too large");
   return p;
 }
 
 // Runs a planned product on prepared arguments: a.y (M, N) is written; a.partial must hold
-// plan.workspace_floats(M, N) floats. The launcher the benchmarks time with their own buffers.
+// plan.workspace_floats(M) floats. The launcher the benchmarks time with their own buffers.
 inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
   const Tables& tab = tables();
   if (!p.fast) {
@@ -681,20 +735,18 @@ inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int dev
     check_launch();
     return;
   }
+  TQ_CHECK(a.partial != nullptr, "nf4 linear: the partial-sum workspace is missing");
   a.P = p.P;
   a.tiles_per_class = p.tiles_per_class;
   a.tiles = p.tiles;
-  a.units_per_split = p.units_per_split;
-  a.splits = p.splits;
-  TQ_CHECK(p.splits == 1 || a.partial != nullptr, "nf4 linear: the split-K workspace is missing");
+  a.units_per_tile = p.units_per_tile;
+  a.units_per_warp = p.units_per_warp;
+  a.total_units = p.total_units;
   if (a.M <= 8) small_m_kernel<1><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
   else small_m_kernel<2><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
   check_launch();
-  if (p.splits > 1) {
-    small_m_reduce_kernel<><<<grid_for(int64_t(a.M) * a.N, kThreads, device), kThreads, 0, st>>>(a.partial, p.splits, a.M,
-                                                                                              a.N, a.bias, a.y);
-    check_launch();
-  }
+  small_m_reduce_kernel<><<<grid_for(p.tiles * 16 * a.M, kThreads, device), kThreads, 0, st>>>(a);
+  check_launch();
 }
 
 inline Tensor linear_small_m(const Tensor& x_in, const NF4Tensor& q, const Tensor& bias_in) {
@@ -731,8 +783,8 @@ inline Tensor linear_small_m(const Tensor& x_in, const NF4Tensor& q, const Tenso
   a.K = K;
   const SmallMPlan p = plan_small_m(N, K, a.packed, a.x, dev.index);
   Tensor partial;
-  if (p.workspace_floats(M, N) > 0) {
-    partial = Tensor::empty({p.workspace_floats(M, N)}, DType::f32, dev);
+  if (p.workspace_floats(M) > 0) {
+    partial = Tensor::empty({p.workspace_floats(M)}, DType::f32, dev);
     a.partial = partial.data<float>();
   }
   launch_small_m(a, p, round_of(q.dtype), dev.index, current_stream());
