@@ -26,6 +26,7 @@ B=$ROOT/.dev/bin
 {
   echo "== $(date -u +%FT%TZ) commit $(tr '\n' ' ' <.dev/COMMIT)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  echo "libnccl: $(ldconfig -p | grep -o 'libnccl.so[^ ]*' | head -1) $(ls /usr/local/cuda/lib*/libnccl.so* 2>/dev/null | head -1)"
 } 2>&1 | tee "$OUT/env.log"
 summary=()
 
