@@ -73,7 +73,7 @@ TEST(GpuEmbedding, AutogradMatchesCpu) {
   TQ_REQUIRE_GPU();
   Tensor w = rnd({300, 72}, DType::f32), ids = random_ids({3, 40}, 300), g = rnd({3, 40, 72}, DType::f32);
   auto run = [&](Device d) {
-    Tensor ww = w.to(d).requires_grad_();
+    Tensor ww = w.to(d).detach().requires_grad_();
     Tensor y = embedding(ids.to(d), ww, /*padding_idx=*/0);
     y.backward(g.to(d));
     return std::pair<Tensor, Tensor>{y.detach().cpu(), ww.grad().cpu()};
@@ -145,7 +145,7 @@ TEST(GpuIndexSelect, AutogradAndErrors) {
   TQ_REQUIRE_GPU();
   Tensor x = rnd({4576, 72}, DType::f32), rows = random_ids({2000}, 4576), g = rnd({2000, 72}, DType::f32);
   auto run = [&](Device d) {
-    Tensor xx = x.to(d).requires_grad_();
+    Tensor xx = x.to(d).detach().requires_grad_();
     Tensor y = index_select(xx, 0, rows.to(d));
     y.backward(g.to(d));
     return std::pair<Tensor, Tensor>{y.detach().cpu(), xx.grad().cpu()};
@@ -216,7 +216,7 @@ TEST(GpuMaskedScatter, AutogradAndTooShortSource) {
   for (int i : {3, 4, 5, 60, 61, 62, 63, 64, 90, 99}) mv[size_t(i)] = true;
   Tensor mask = Tensor::from_vector(mv, {2, 50, 1});
   auto run = [&](Device d) {
-    Tensor xx = x.to(d).requires_grad_(), ss = src.to(d).requires_grad_();
+    Tensor xx = x.to(d).detach().requires_grad_(), ss = src.to(d).detach().requires_grad_();
     Tensor y = masked_scatter(xx, mask.to(d).expand({2, 50, 16}), ss);
     y.backward(g.to(d));
     return std::vector<Tensor>{y.detach().cpu(), xx.grad().cpu(), ss.grad().cpu()};
@@ -277,7 +277,7 @@ TEST(GpuConcat, StackAndAutograd) {
   }
   Tensor gy = rnd({4, 3, 72}, DType::f32);
   auto run = [&](Device d) {
-    Tensor a = xs[0].to(d).requires_grad_(), b = xs[1].to(d).requires_grad_(), c = xs[2].to(d).requires_grad_();
+    Tensor a = xs[0].to(d).detach().requires_grad_(), b = xs[1].to(d).detach().requires_grad_(), c = xs[2].to(d).detach().requires_grad_();
     Tensor y = concat({stack({a, b}, 1), c.unsqueeze(1)}, 1);  // (4, 3, 72)
     y.backward(gy.to(d));
     return std::vector<Tensor>{y.detach().cpu(), a.grad().cpu(), b.grad().cpu(), c.grad().cpu()};

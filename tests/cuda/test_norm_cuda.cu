@@ -123,7 +123,7 @@ TEST(GpuNorm, AutogradMatchesCpu) {
     Tensor x = rnd({37, 2304}, dt), w = rnd({2304}, DType::f32, -0.5, 0.5), b = rnd({2304}, DType::f32);
     Tensor g = rnd({37, 2304}, dt);
     auto run = [&](Device d) {
-      Tensor xx = x.to(d).requires_grad_(), ww = w.to(d).requires_grad_(), bb = b.to(d).requires_grad_();
+      Tensor xx = x.to(d).detach().requires_grad_(), ww = w.to(d).detach().requires_grad_(), bb = b.to(d).detach().requires_grad_();
       Tensor y = rms_norm(layer_norm(xx, ww, bb, 1e-6), ww, 1e-6, 1.0);
       y.backward(g.to(d));
       return std::vector<Tensor>{y.detach().cpu(), xx.grad().cpu(), ww.grad().cpu(), bb.grad().cpu()};
@@ -193,7 +193,7 @@ TEST(GpuRope, AutogradMatchesCpu) {
   Tensor x = rnd({2, 8, 31, 256}, DType::bf16), g = rnd({2, 8, 31, 256}, DType::bf16);
   Tensor pos = random_positions(2, 31, 400);
   auto run = [&](Device d) {
-    Tensor xx = x.to(d).requires_grad_();
+    Tensor xx = x.to(d).detach().requires_grad_();
     Tensor y = rope(xx, pos.to(d), 10000.0);
     y.backward(g.to(d));
     return std::pair<Tensor, Tensor>{y.detach().cpu(), xx.grad().cpu()};
@@ -246,7 +246,7 @@ TEST(GpuGeglu, AutogradMatchesCpuAndTheUnfusedPath) {
   TQ_REQUIRE_GPU();
   Tensor a = rnd({72, 1024}, DType::f32, -5, 5), u = rnd({72, 1024}, DType::f32), g = rnd({72, 1024}, DType::f32);
   auto run = [&](Device d, bool fused) {
-    Tensor aa = a.to(d).requires_grad_(), uu = u.to(d).requires_grad_();
+    Tensor aa = a.to(d).detach().requires_grad_(), uu = u.to(d).detach().requires_grad_();
     Tensor y = fused ? geglu(aa, uu) : gelu(aa, true) * uu;
     y.backward(g.to(d));
     return std::vector<Tensor>{y.detach().cpu(), aa.grad().cpu(), uu.grad().cpu()};

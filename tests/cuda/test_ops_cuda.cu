@@ -63,7 +63,7 @@ TEST(GpuSoftmax, LargeLogitsStridedInputAndAutograd) {
   EXPECT_TRUE(close(ops::softmax(dev(s), 0, false).cpu(), ops::softmax(s, 0, false), 0.0));
   Tensor x = rnd({16, 286}, DType::f32), g = rnd({16, 286}, DType::f32);
   auto run = [&](Device d) {
-    Tensor xx = x.to(d).requires_grad_();
+    Tensor xx = x.to(d).detach().requires_grad_();
     Tensor y = tq::log_softmax(tq::softmax(xx, 0) * 5.0, 1);
     y.backward(g.to(d));
     return std::pair<Tensor, Tensor>{y.detach().cpu(), xx.grad().cpu()};
@@ -105,7 +105,7 @@ TEST(GpuDropout, StridedUnalignedAndAutograd) {
                     0.0));
   Tensor g = rnd({300, 72}, DType::f32);
   auto run = [&](Device d) {
-    Tensor xx = x.to(d).requires_grad_();
+    Tensor xx = x.to(d).detach().requires_grad_();
     Tensor y = tq::dropout(xx, 0.25, 1234, 99);
     y.backward(g.to(d));
     return std::pair<Tensor, Tensor>{y.detach().cpu(), xx.grad().cpu()};
@@ -139,7 +139,7 @@ Tensor ce(const Tensor& logits, const Tensor& targets, Mode m) {
 
 // loss and dlogits of ce(logits) scaled by `upstream`, on device d.
 std::pair<Tensor, Tensor> ce_run(const Tensor& logits, const Tensor& targets, Mode m, Device d, double upstream = 1.0) {
-  Tensor x = logits.to(d).requires_grad_();
+  Tensor x = logits.to(d).detach().requires_grad_();
   Tensor loss = ce(x, targets.to(d), m);
   EXPECT_TRUE(loss.device() == d);
   (loss * upstream).backward();
@@ -260,7 +260,7 @@ TEST(GpuPatchEmbed, ForwardBackwardMatchCpu) {
     const int64_t N = (c.px[2] / 14) * (c.px[3] / 14);
     Tensor g = rnd({c.px[0], N, c.O}, c.dt);
     auto run = [&](Device d) {
-      Tensor pp = px.to(d).requires_grad_(), ww = w.to(d).requires_grad_(), bb = b.to(d).requires_grad_();
+      Tensor pp = px.to(d).detach().requires_grad_(), ww = w.to(d).detach().requires_grad_(), bb = b.to(d).detach().requires_grad_();
       Tensor y = patch_embed(pp, ww, bb);
       y.backward(g.to(d));
       return std::vector<Tensor>{y.detach().cpu(), pp.grad().cpu(), ww.grad().cpu(), bb.grad().cpu()};
