@@ -691,7 +691,8 @@ class TcpStore {
         f.kind == Kind::error)
       fail(str_cat("rank 0 reports: ", f.payload), false);
     fail(str_cat("rank 0 at ", endpoint(), " closed the connection during ", op, " #", seq,
-                 " (rank 0 exited or crashed", err ? ": " + store_detail::errno_text(err) : std::string(), ")"),
+                 " (rank 0 exited or crashed", err ? ": " + store_detail::errno_text(err) : std::string(),
+                 seq == 0 ? "; or another program listens on that port" : "", ")"),
          false);
   }
 
