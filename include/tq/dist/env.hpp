@@ -191,7 +191,8 @@ inline Env env_from(const EnvLookup& get) {
     // Without MASTER_ADDR only a run whose ranks all live on this node can find rank 0.
     const bool one_node = e.world_size == 1 || e.local_world_size == e.world_size;
     TQ_CHECK(one_node, "dist: MASTER_ADDR is not set (", e.launcher, ", WORLD_SIZE=", e.world_size,
-             "): set it to rank 0's host name or address on every rank (mpirun: -x MASTER_ADDR=<host> -x MASTER_PORT=<port>)");
+             "): set it to rank 0's host name or address on every rank ",
+             "(mpirun: -x MASTER_ADDR=<host> -x MASTER_PORT=<port>)");
   }
   e.master_port = detail::int_var(get, "MASTER_PORT", 1, 65535).value_or(kDefaultMasterPort);
   e.store_port = e.master_port;
