@@ -105,30 +105,40 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   TQ_CHECK(fs::exists(a.data), "--data ", a.data, ": no such file or directory");
   a.o.rslora = !a.no_rslora;
   a.o.out = a.out;
+  // Data parallel: one process per GPU (torchrun / mpirun / a shell loop set the rank variables);
+  // a plain run is a world of one — on CUDA through NCCL as well, so both take the same path.
+  require_device_usable(Device::parse(a.device));
+  dist::ProcessGroup pg = dist::init_process_group(a.device == "cuda" ? DeviceType::cuda : DeviceType::cpu);
+  const bool main_rank = pg.is_main();
   fs::create_directories(a.out);
-  tq::cli::write_resolved_config(app, (fs::path(a.out) / "config.json").string());
+  if (main_rank) tq::cli::write_resolved_config(app, (fs::path(a.out) / "config.json").string());
 
   Processor proc = Processor::load(a.model);
   LoadOptions lo;
   lo.dtype = parse_load_dtype(a.dtype);
   lo.quant = parse_quant(a.quant);
-  lo.device = parse_device(a.device);
+  lo.device = pg.device();
   auto m = load_model(a.model, lo);
   m->options.hf_compat = a.hf_compat;
   auto ds = risc::open_dataset(a.data);
   risc::Split split = risc::make_split(ds->size(), a.o.seed, a.test_size, a.val_size);
   train::Trainer tr(*m, *ds, split.train, split.val, proc.tokenize_fn(a.prompt), a.o,
-                    risc::parse_caption_strategy(a.caption_strategy), lo.dtype);
+                    risc::parse_caption_strategy(a.caption_strategy), lo.dtype, pg.comm.get());
   if (!a.resume.empty()) tr.resume(a.resume);
-  std::fprintf(stderr, "train: %zu train / %zu val rows, %lld steps (warmup %lld), %lld trainable parameters%s\n",
-               split.train.size(), split.val.size(), (long long)tr.total_steps(), (long long)tr.warmup_steps(),
-               (long long)tr.trainable_parameters(), a.resume.empty() ? "" : str_cat(", resumed at step ", tr.step()).c_str());
+  if (main_rank)
+    std::fprintf(stderr, "train: %zu train / %zu val rows, %lld steps (warmup %lld), %lld trainable parameters, %s%s\n",
+                 split.train.size(), split.val.size(), (long long)tr.total_steps(), (long long)tr.warmup_steps(),
+                 (long long)tr.trainable_parameters(), pg.env.describe().c_str(),
+                 a.resume.empty() ? "" : str_cat(", resumed at step ", tr.step()).c_str());
 
-  const bool tty = isatty(fileno(stderr));
-  std::ofstream jsonl(fs::path(a.out) / "log.jsonl", std::ios::app);
+  const bool tty = main_rank && isatty(fileno(stderr));
+  std::ofstream jsonl, csv;  // rank 0's logs only
   const fs::path csv_path = fs::path(a.out) / "log.csv";
-  const bool csv_new = !fs::exists(csv_path) || fs::file_size(csv_path) == 0;
-  std::ofstream csv(csv_path, std::ios::app);
+  const bool csv_new = main_rank && (!fs::exists(csv_path) || fs::file_size(csv_path) == 0);
+  if (main_rank) {
+    jsonl.open(fs::path(a.out) / "log.jsonl", std::ios::app);
+    csv.open(csv_path, std::ios::app);
+  }
   if (csv_new) csv << "step,loss,learning_rate,grad_norm,samples_per_s,elapsed_s,eval_loss,peak_memory_gib\n";
   const Device dev = m->device();
   auto peak_gib = [dev] { return double(memory_stats(dev).peak) / double(1ull << 30); };
@@ -141,6 +151,7 @@ int run_train(const CLI::App& app, TrainArgs& a) {
                  fmt_time(per * double(tr.total_steps() - l.step)).c_str());
   };
   tr.on_log = [&](const train::StepLog& l) {
+    if (!main_rank) return;
     nlohmann::json j = {{"step", l.step}, {"loss", l.loss}, {"learning_rate", l.lr}, {"grad_norm", l.grad_norm},
                         {"samples_per_s", l.samples_per_s}, {"elapsed_s", l.elapsed_s},
                         {"peak_memory_gib", peak_gib()}};
@@ -162,23 +173,27 @@ int run_train(const CLI::App& app, TrainArgs& a) {
   train::TrainResult r = tr.run(a.stop_after);
   std::signal(SIGINT, prev);
   if (tty) std::fprintf(stderr, "\n");
-  jsonl.flush();
-  write_curves(a.out);
+  if (main_rank) {
+    jsonl.flush();
+    write_curves(a.out);
+  }
   if (r.interrupted) {
-    std::fprintf(stderr, "train: interrupted at step %lld; checkpoint %s (continue with --resume %s)\n",
+    if (main_rank) std::fprintf(stderr, "train: interrupted at step %lld; checkpoint %s (continue with --resume %s)\n",
                  (long long)r.steps_done, r.last_checkpoint.c_str(), a.out.c_str());
     return 130;
   }
   if (r.steps_done < r.total_steps) {
     const std::string ck = r.last_checkpoint.empty() || r.last_checkpoint.find(str_cat("-", r.steps_done)) == std::string::npos
                                ? tr.save_checkpoint(a.out) : r.last_checkpoint;
-    std::fprintf(stderr, "train: stopped at step %lld of %lld (--stop-after); checkpoint %s\n", (long long)r.steps_done,
-                 (long long)r.total_steps, ck.c_str());
+    if (main_rank)
+      std::fprintf(stderr, "train: stopped at step %lld of %lld (--stop-after); checkpoint %s\n",
+                   (long long)r.steps_done, (long long)r.total_steps, ck.c_str());
     return 0;
   }
   const std::string adapter = (fs::path(a.out) / "adapter").string();
   tr.save_adapter(adapter);
-  std::fprintf(stderr, "train: done, %lld steps; adapter %s; curves %s; %s\n", (long long)r.steps_done,
+  if (main_rank)
+    std::fprintf(stderr, "train: done, %lld steps; adapter %s; curves %s; %s\n", (long long)r.steps_done,
                adapter.c_str(), (fs::path(a.out) / "curves.png").c_str(), tq::paligemma::cli::peak_memory_line(dev).c_str());
   return 0;
 }

@@ -12,7 +12,14 @@
 //    step, each LoRA layer's dropout offset, the data position (epoch, micro-batch) — is in a
 //    checkpoint, so resuming from one continues bit-identically on the CPU;
 //  * a checkpoint is written into `<out>/checkpoint-<step>.tmp` and renamed when complete; older
-//    checkpoints are removed only after that rename, so a failed write leaves the previous one intact.
+//    checkpoints are removed only after that rename, so a failed write leaves the previous one intact;
+//  * data parallel (dist/): every step goes through a Communicator, world size 1 included (NCCL on
+//    CUDA, the local one on the CPU). Each rank reads its block of the step's effective batch
+//    (dist::shard_step over epoch positions, so any world size resumes any checkpoint), divides
+//    its summed CE by T/W (T = supervised tokens of the whole effective batch), and the adapter
+//    gradients are averaged in one flat buffer (dist::GradBucket) before clipping and AdamW: the
+//    step equals the single-process step up to reduction order (and dropout draws). Only rank 0
+//    writes files.
 #pragma once
 
 #include <atomic>
@@ -28,6 +35,7 @@
 #include <vector>
 
 #include <tq/tq.hpp>
+#include <tq/dist/dist.hpp>
 
 #include "paligemma/adapter.hpp"
 #include "paligemma/paligemma.hpp"
@@ -183,10 +191,19 @@ class Trainer {
   std::function<void(const StepLog&)> on_log;        // every log_every steps
   std::function<void(const StepLog&)> on_step;       // every step (progress bar)
 
+  // `comm` (not owned) is the data-parallel group; none = a world of one on the model's device's
+  // local communicator (CPU) — CUDA runs pass the NCCL communicator, world size 1 included.
   Trainer(PaliGemmaForConditionalGeneration& m, const risc::Dataset& ds, std::vector<int64_t> train_rows,
           std::vector<int64_t> val_rows, TokenizeFn tokenize, TrainOptions o,
-          risc::CaptionStrategy captions = risc::CaptionStrategy::Random, DType compute_dtype = DType::f32)
+          risc::CaptionStrategy captions = risc::CaptionStrategy::Random, DType compute_dtype = DType::f32,
+          dist::Communicator* comm = nullptr)
       : m_(m), ds_(ds), train_rows_(std::move(train_rows)), val_rows_(std::move(val_rows)), opt_(std::move(o)) {
+    if (comm == nullptr) {
+      TQ_CHECK(m_.device().is_cpu(), "train: a CUDA model trains through a communicator (dist::init_process_group)");
+      local_comm_ = std::make_unique<dist::LocalCommunicator>();
+      comm = local_comm_.get();
+    }
+    comm_ = comm;
     TQ_CHECK(opt_.batch_size > 0 && opt_.grad_accum > 0, "train: --batch-size and --grad-accum must be positive");
     TQ_CHECK(!train_rows_.empty(), "train: the training split is empty");
     m_.set_requires_grad(false);
@@ -203,11 +220,14 @@ class Trainer {
     // Per-layer dropout streams: distinct, reproducible seeds.
     size_t i = 0;
     for (auto& [name, l] : nn::peft_detail::lora_layers(m_)) {
-      l->dropout_seed = opt_.seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull * ++i;
+      // Rank r ≥ 1 draws its own masks (its rows differ); rank 0 draws what a single process draws.
+      l->dropout_seed = opt_.seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull * ++i +
+                        uint64_t(comm_->rank()) * 0xD1B54A32D192ED03ull;
       layers_.push_back({name, l});
     }
     m_.set_gradient_checkpointing(opt_.grad_checkpointing);
     opt_groups_ = std::make_unique<optim::AdamW>(lora_plus_groups(m_, opt_.lr, opt_.lora_plus_ratio, opt_.weight_decay));
+    bucket_ = std::make_unique<dist::GradBucket>(dist::GradBucket::of(m_.named_parameters()));
     risc::LoaderOptions lo;
     lo.batch_size = opt_.batch_size;
     lo.image_width = lo.image_height = int(m_.config.vision_config.image_size);
@@ -249,22 +269,26 @@ class Trainer {
     m_.train(true);
     while (step_ < stop_at) {
       std::vector<Batch> micro = next_micro_batches();
-      int64_t n_tok = 0;
-      for (const Batch& b : micro) n_tok += count_supervised(b, m_.config.ignore_index);
+      int64_t local_tok = 0;
+      for (const Batch& b : micro) local_tok += count_supervised(b, m_.config.ignore_index);
+      const int64_t n_tok = dist::global_token_count(*comm_, local_tok);
       TQ_CHECK(n_tok > 0, "train: step ", step_, " has no supervised tokens");
+      const double normalizer = dist::loss_normalizer(n_tok, comm_->size());
       sched_.apply(*opt_groups_, step_);
       double step_loss = 0;
       int64_t step_samples = 0;
       for (const Batch& b : micro) {
-        Tensor loss = summed_loss(m_, b, double(n_tok));
+        Tensor loss = summed_loss(m_, b, normalizer);
         step_loss += loss.item<double>();
         loss.backward();
         step_samples += b.input_ids.size(0);
       }
       samples += step_samples;
       ops::check_device_index_errors(m_.device());  // an out-of-range id/target on the GPU: one clear error
-      std::vector<Tensor> params = m_.trainable_parameters();
-      const double gn = opt_.max_grad_norm > 0 ? optim::clip_grad_norm(params, opt_.max_grad_norm) : grad_norm(params);
+      bucket_->all_reduce_mean(*comm_);  // the mean over ranks, in one flat buffer (identity for one rank)
+      comm_->wait();
+      const double gn = opt_.max_grad_norm > 0 ? bucket_->clip_grad_norm(opt_.max_grad_norm) : bucket_->grad_norm();
+      step_loss = comm_->size() > 1 ? dist::mean_over_ranks(*comm_, step_loss) : step_loss;
       opt_groups_->step();
       const double lr = opt_groups_->groups()[0].lr;
       opt_groups_->zero_grad();
@@ -279,7 +303,7 @@ class Trainer {
       lg.lr = lr;
       lg.grad_norm = gn;
       lg.elapsed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      lg.samples_per_s = lg.elapsed_s > 0 ? double(samples) / lg.elapsed_s : 0;
+      lg.samples_per_s = lg.elapsed_s > 0 ? double(samples) * comm_->size() / lg.elapsed_s : 0;  // ≈ all ranks
       if (on_step) on_step(lg);
       const bool log_now = opt_.log_every > 0 && (step_ % opt_.log_every == 0 || step_ == total_steps_);
       if (opt_.eval_every > 0 && step_ % opt_.eval_every == 0 && !val_rows_.empty()) lg.eval_loss = eval_loss();
@@ -291,7 +315,10 @@ class Trainer {
       }
       if (opt_.save_every > 0 && step_ % opt_.save_every == 0 && !opt_.out.empty())
         r.last_checkpoint = save_checkpoint(opt_.out);
-      if (interrupt_flag().load()) {
+      // Every rank stops at the same step: a Ctrl-C seen by any rank stops them all.
+      const bool stop_now = comm_->size() > 1 ? dist::sum_over_ranks(*comm_, int64_t(interrupt_flag().load())) > 0
+                                              : interrupt_flag().load();
+      if (stop_now) {
         r.interrupted = true;
         if (!opt_.out.empty()) r.last_checkpoint = save_checkpoint(opt_.out);
         break;
@@ -326,10 +353,32 @@ class Trainer {
     return tok ? sum / double(tok) : 0.0;
   }
 
-  void save_adapter(const std::string& dir) { nn::save_adapter(dir, m_, adapter_info()); }
+  bool is_main_rank() const { return comm_->rank() == 0; }
+  dist::Communicator& communicator() { return *comm_; }
+
+  // Rank 0 writes; the others wait for it (the adapter is complete on every rank's return).
+  void save_adapter(const std::string& dir) {
+    if (is_main_rank()) nn::save_adapter(dir, m_, adapter_info());
+    comm_->barrier();
+  }
 
   // Writes `<out>/checkpoint-<step>` (via a .tmp directory and a rename) and removes older ones.
+  // Rank 0 writes (every rank holds the same adapter and optimizer state); the others wait.
   std::string save_checkpoint(const std::string& out) {
+    const fs::path done = fs::path(out) / str_cat("checkpoint-", step_);
+    if (!is_main_rank()) {
+      comm_->barrier();
+      return done.string();
+    }
+    struct Release {  // the barrier also runs when writing failed, so no rank waits forever
+      dist::Communicator* c;
+      ~Release() {
+        try {
+          c->barrier();
+        } catch (...) {
+        }
+      }
+    } release{comm_};
     const fs::path final_dir = fs::path(out) / str_cat("checkpoint-", step_);
     const fs::path tmp = fs::path(out) / str_cat("checkpoint-", step_, ".tmp");
     std::error_code ec;
@@ -411,14 +460,6 @@ class Trainer {
   }
 
  private:
-  static double grad_norm(const std::vector<Tensor>& ps) {
-    double s = 0;
-    for (const Tensor& p : ps)
-      if (p.grad().defined())
-        for (float v : p.grad().to_vector<float>()) s += double(v) * v;
-    return std::sqrt(s);
-  }
-
   static void copy_param(Tensor& p, const Tensor& v, const std::string& name) {
     TQ_CHECK(p.shape() == v.shape(), "--resume: ", name, " has shape ", v.shape(), " in the checkpoint, ", p.shape(),
              " in the model");
@@ -443,30 +484,38 @@ class Trainer {
     return t;
   }
 
-  // The next optimizer step's micro-batches: up to grad_accum, fewer at the end of an epoch (as HF's
-  // last, short accumulation step). A step never crosses an epoch boundary.
+  // This rank's micro-batches of the next optimizer step. The step's effective batch is the one a
+  // single process takes (up to grad_accum micro-batches, fewer at an epoch's end, never crossing
+  // it); with W ranks each reads its block of it (dist::shard_step), in micro-batches of at most
+  // batch_size rows — for W = 1 exactly the single-process micro-batches. A rank may get no rows.
   std::vector<Batch> next_micro_batches() {
-    std::vector<Batch> out;
-    for (int64_t epochs_tried = 0; out.empty(); ++epochs_tried) {
-      TQ_CHECK(epochs_tried <= 1, "train: a whole epoch of micro-batches has no captioned row");
-      if (micro_ >= micro_per_epoch_) {  // the previous step ended the epoch
-        ++epoch_;
-        micro_ = 0;
-        started_ = false;
-      }
-      const int64_t step_end = std::min(micro_per_epoch_, (micro_ / opt_.grad_accum + 1) * opt_.grad_accum);
-      while (micro_ < step_end) {
-        if (!started_) {
-          loader_->begin_epoch(uint64_t(epoch_), micro_);
-          started_ = true;
-        }
-        auto lb = loader_->next();
-        TQ_CHECK(lb.has_value(), "train: the loader ended early at micro-batch ", micro_);
-        ++micro_;
-        if (lb->size() == 0) continue;  // every row of the batch lacked a caption
-        out.push_back(collate(*lb, m_.config.pad_token_id, loader_opts_.image_height, loader_opts_.image_width));
-      }
+    if (micro_ >= micro_per_epoch_) {  // the previous step ended the epoch
+      ++epoch_;
+      micro_ = 0;
+      started_ = false;
     }
+    const int64_t rows = int64_t(train_rows_.size()), bs = opt_.batch_size, ga = opt_.grad_accum;
+    if (!started_) {  // this rank's batches for the rest of the epoch, in step order
+      std::vector<std::pair<int64_t, int64_t>> ranges;
+      for (int64_t m = micro_; m < micro_per_epoch_;) {
+        const dist::EffectiveBatch eb = dist::effective_batch(m, rows, bs, ga);
+        for (const dist::RowRange& r : dist::shard_step(eb, bs, comm_->rank(), comm_->size()).micro_batches)
+          ranges.push_back({r.begin, r.end});
+        m = eb.end_micro;
+      }
+      loader_->begin_epoch_ranges(uint64_t(epoch_), std::move(ranges));
+      started_ = true;
+    }
+    const dist::EffectiveBatch eb = dist::effective_batch(micro_, rows, bs, ga);
+    const size_t n_micro = dist::shard_step(eb, bs, comm_->rank(), comm_->size()).micro_batches.size();
+    std::vector<Batch> out;
+    for (size_t i = 0; i < n_micro; ++i) {
+      auto lb = loader_->next();
+      TQ_CHECK(lb.has_value(), "train: the loader ended early at micro-batch ", micro_);
+      if (lb->size() == 0) continue;  // every row of the batch lacked a caption
+      out.push_back(collate(*lb, m_.config.pad_token_id, loader_opts_.image_height, loader_opts_.image_width));
+    }
+    micro_ = eb.end_micro;
     return out;
   }
 
@@ -478,6 +527,9 @@ class Trainer {
   std::vector<std::string> wrapped_;
   std::vector<std::pair<std::string, nn::LoRA<nn::LinearBase>*>> layers_;
   std::unique_ptr<optim::AdamW> opt_groups_;
+  std::unique_ptr<dist::LocalCommunicator> local_comm_;
+  dist::Communicator* comm_ = nullptr;
+  std::unique_ptr<dist::GradBucket> bucket_;
   optim::LinearWarmupDecay sched_;
   risc::LoaderOptions loader_opts_;
   std::unique_ptr<risc::Loader> loader_;

@@ -118,21 +118,21 @@ class Loader {
   // Starts (or restarts) epoch `epoch`: a fresh order, fresh workers; `first_batch` > 0 skips
   // the epoch's first batches without decoding them (resuming a training run mid-epoch).
   void begin_epoch(uint64_t epoch, int64_t first_batch = 0) {
-    stop();
-    epoch_ = epoch;
-    order_ = indices_;
-    if (opt_.shuffle) {
-      Pcg64 rng(SeedSequence(entropy_words({opt_.seed, epoch})));
-      for (int64_t i = static_cast<int64_t>(order_.size()) - 1; i >= 1; --i)
-        std::swap(order_[static_cast<size_t>(i)], order_[rng.random_interval(static_cast<uint64_t>(i))]);
-    }
-    const auto n = static_cast<int64_t>(order_.size()), b = static_cast<int64_t>(opt_.batch_size);
-    num_batches_ = opt_.drop_last ? n / b : (n + b - 1) / b;
-    next_claim_ = std::min(first_batch, num_batches_);
-    next_out_ = next_claim_;
-    stopping_ = false;
-    ready_.clear();
-    for (int w = 0; w < opt_.workers; ++w) threads_.emplace_back([this] { work(); });
+    const auto n = static_cast<int64_t>(indices_.size()), b = static_cast<int64_t>(opt_.batch_size);
+    const int64_t count = opt_.drop_last ? n / b : (n + b - 1) / b;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (int64_t k = 0; k < count; ++k) ranges.push_back({k * b, std::min(n, (k + 1) * b)});
+    start(epoch, std::move(ranges), first_batch);
+  }
+
+  // Starts epoch `epoch` reading only the given ranges of epoch positions [begin, end), each at most
+  // batch_size rows, as consecutive batches (a data-parallel rank reads its shard of every step).
+  void begin_epoch_ranges(uint64_t epoch, std::vector<std::pair<int64_t, int64_t>> ranges) {
+    const auto n = static_cast<int64_t>(indices_.size());
+    for (const auto& [a, b] : ranges)
+      TQ_CHECK(a >= 0 && a <= b && b <= n && b - a <= opt_.batch_size, "loader: epoch positions [", a, ", ", b,
+               ") are not a batch of at most ", opt_.batch_size, " of the ", n, " rows");
+    start(epoch, std::move(ranges), 0);
   }
 
   int64_t num_batches() const { return num_batches_; }
@@ -151,6 +151,24 @@ class Loader {
   }
 
  private:
+  void start(uint64_t epoch, std::vector<std::pair<int64_t, int64_t>> ranges, int64_t first_batch) {
+    stop();
+    epoch_ = epoch;
+    order_ = indices_;
+    if (opt_.shuffle) {
+      Pcg64 rng(SeedSequence(entropy_words({opt_.seed, epoch})));
+      for (int64_t i = static_cast<int64_t>(order_.size()) - 1; i >= 1; --i)
+        std::swap(order_[static_cast<size_t>(i)], order_[rng.random_interval(static_cast<uint64_t>(i))]);
+    }
+    ranges_ = std::move(ranges);
+    num_batches_ = static_cast<int64_t>(ranges_.size());
+    next_claim_ = std::min(first_batch, num_batches_);
+    next_out_ = next_claim_;
+    stopping_ = false;
+    ready_.clear();
+    for (int w = 0; w < opt_.workers; ++w) threads_.emplace_back([this] { work(); });
+  }
+
   void stop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -197,8 +215,8 @@ class Loader {
     b.number = k;
     b.pixels = take_buffer();
     const size_t plane = static_cast<size_t>(3) * opt_.image_width * opt_.image_height;
-    const auto first = static_cast<size_t>(k * opt_.batch_size);
-    const size_t last = std::min(order_.size(), first + static_cast<size_t>(opt_.batch_size));
+    const auto first = static_cast<size_t>(ranges_[static_cast<size_t>(k)].first);
+    const auto last = static_cast<size_t>(ranges_[static_cast<size_t>(k)].second);
     for (size_t i = first; i < last; ++i) {
       const int64_t row = order_[i];
       Row r = ds_.row(row);
@@ -226,6 +244,7 @@ class Loader {
 
   const Dataset& ds_;
   std::vector<int64_t> indices_, order_;
+  std::vector<std::pair<int64_t, int64_t>> ranges_;  // epoch positions of each batch
   LoaderOptions opt_;
   uint64_t epoch_ = 0;
   int64_t num_batches_ = 0, next_claim_ = 0, next_out_ = 0;

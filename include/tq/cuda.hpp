@@ -46,6 +46,7 @@
 #include "kernels/linear_cross_entropy.cuh"
 #include "kernels/nf4.cuh"
 #include "kernels/adamw.cuh"
+#include "kernels/nccl.cuh"  // data-parallel communicator (registers nothing without TQ_WITH_NCCL)
 
 namespace tq::cuda {
 
@@ -73,6 +74,7 @@ inline bool register_cuda_backend() {
   register_linear_cross_entropy_kernels();
   register_nf4_kernels();
   register_adamw_kernels();
+  register_nccl_backend();
   return true;
 }
 

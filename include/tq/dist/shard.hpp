@@ -48,19 +48,13 @@ inline RowRange shard_rows(int64_t rows, int rank, int world) {
   return {begin, begin + base + (rank < extra ? 1 : 0)};
 }
 
-// `range` cut into the fewest micro-batches of at most `max_rows` rows, as even as possible, in order.
+// `range` cut into consecutive micro-batches of `max_rows` rows (the last one shorter), in order:
+// for one rank that is exactly the single-process trainer's micro-batches of the step.
 inline std::vector<RowRange> split_micro_batches(const RowRange& range, int64_t max_rows) {
   TQ_CHECK(max_rows > 0, "split_micro_batches: the micro-batch size must be positive, got ", max_rows);
   TQ_CHECK(range.begin >= 0 && range.end >= range.begin, "split_micro_batches: invalid range ", range);
   std::vector<RowRange> out;
-  const int64_t n = range.size();
-  if (n == 0) return out;
-  const int64_t pieces = (n + max_rows - 1) / max_rows;
-  TQ_CHECK(pieces <= (int64_t(1) << 30), "split_micro_batches: ", pieces, " micro-batches");
-  for (int64_t i = 0; i < pieces; ++i) {
-    const RowRange r = shard_rows(n, int(i), int(pieces));
-    out.push_back({range.begin + r.begin, range.begin + r.end});
-  }
+  for (int64_t a = range.begin; a < range.end; a += max_rows) out.push_back({a, std::min(range.end, a + max_rows)});
   return out;
 }
 
