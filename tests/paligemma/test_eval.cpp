@@ -2,6 +2,7 @@
 // PaliGemma with a real tokenizer, and a RISC-format parquet directory): the output files and their
 // structure, results.json equal to an independent scoring of predictions.jsonl, --compare merging a
 // zero-shot run with a fine-tuned (random adapter) run, and one clear error line for bad input.
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -42,8 +43,15 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
+// ctest runs tests as parallel processes: every scratch path is per process.
+fs::path scratch() {
+  const fs::path d = fs::path(::testing::TempDir()) / ("tq_eval_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  return d;
+}
+
 RunResult run_cli(const std::string& args) {
-  const fs::path dir = fs::path(::testing::TempDir()) / "tq_eval_cli";
+  const fs::path dir = scratch() / "cli";
   fs::create_directories(dir);
   const std::string cmd = "'" + std::string(TQ_BIN_DIR) + "/paligemma' " + args + " >'" + (dir / "o").string() +
                           "' 2>'" + (dir / "e").string() + "'";
@@ -52,7 +60,7 @@ RunResult run_cli(const std::string& args) {
 }
 
 fs::path fresh_dir(const std::string& name) {
-  const fs::path d = fs::path(::testing::TempDir()) / name;
+  const fs::path d = scratch() / name;
   fs::remove_all(d);
   return d;
 }
@@ -86,7 +94,7 @@ void expect_png(const fs::path& p) {
 
 // A PEFT adapter for the sample model with random lora_B, so its captions differ from zero-shot.
 std::string make_random_adapter() {
-  const std::string out = (fs::path(::testing::TempDir()) / "tq_eval_adapter").string();
+  const std::string out = (scratch() / "adapter").string();
   auto m = load_model(kModel, {});
   Generator gen(5);
   nn::LoraConfig cfg{.r = 2, .alpha = 4, .rslora = true, .target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}};
@@ -181,7 +189,7 @@ TEST(PaliGemmaEval, CaptionPrintsOneLinePerImage) {
   auto ds = risc::open_dataset(kData);
   std::string args = "caption --model '" + kModel + "' --max-new-tokens 4";
   for (int i = 0; i < 3; ++i) {
-    const fs::path p = fs::path(::testing::TempDir()) / ("tq_caption_" + std::to_string(i) + ".jpg");
+    const fs::path p = scratch() / ("caption_" + std::to_string(i) + ".jpg");
     std::ofstream(p, std::ios::binary) << *ds->row(i).image;
     args += " '" + p.string() + "'";
   }
