@@ -18,6 +18,7 @@
 #include "tq/ops/dropout.hpp"
 #include "tq/ops/attention.hpp"
 #include "tq/ops/loss.hpp"
+#include "tq/ops/linear_cross_entropy.hpp"
 #include "tq/autograd/engine.hpp"
 #include "tq/autograd/checkpoint.hpp"
 #include "tq/autograd/gradcheck.hpp"

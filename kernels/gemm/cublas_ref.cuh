@@ -24,6 +24,7 @@
 
 namespace tq::kernels {
 
+template <class = void>  // a template: see gemm_common.cuh (headers included by several TUs)
 __global__ void gemm_add_residual_kernel(Epilogue e) {
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -93,7 +94,7 @@ class CublasLtGemm {
     cublasLtMatrixLayoutDestroy(la);
     cublasLtMatmulDescDestroy(op);
     if (p.residual) {
-      gemm_add_residual_kernel<<<264, 256, 0, stream>>>(make_epilogue(p));
+      gemm_add_residual_kernel<><<<264, 256, 0, stream>>>(make_epilogue(p));
       TQ_CUDA_CHECK_LAUNCH();
     }
   }

@@ -169,7 +169,12 @@ __device__ __forceinline__ void epi_store4(const Epilogue& e, int row, int col, 
   }
 }
 
+// The plain (non-template) kernels of these headers are templates on an unused parameter so that
+// every translation unit that includes them (<tq/cuda.hpp>'s and the GEMM tests/benchmarks) can
+// instantiate them: a plain __global__ definition in a header is a duplicate symbol at link time.
+
 // ws: (splits, M, N) fp32 partial sums, contiguous. Sums the splits and applies the epilogue.
+template <class = void>
 __global__ void gemm_splitk_epilogue_kernel(const float* __restrict__ ws, int splits, Epilogue e) {
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -182,6 +187,7 @@ __global__ void gemm_splitk_epilogue_kernel(const float* __restrict__ ws, int sp
 
 // The same, four adjacent columns per thread (e.quad_ok: N % 4 == 0, aligned operands): 16-byte
 // loads of every split's partials, all issued before the sums.
+template <class = void>
 __global__ void gemm_splitk_epilogue4_kernel(const float* __restrict__ ws, int splits, Epilogue e) {
   const int64_t total = static_cast<int64_t>(e.M) * e.N, quads = total / 4;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < quads;
@@ -202,16 +208,17 @@ inline void launch_splitk_epilogue(const float* ws, int splits, const Epilogue& 
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
   if (e.quad_ok && reinterpret_cast<uintptr_t>(ws) % 16 == 0) {
     const int blocks = static_cast<int>(std::min<int64_t>((total / 4 + 255) / 256, 132 * 16));
-    gemm_splitk_epilogue4_kernel<<<blocks, 256, 0, stream>>>(ws, splits, e);
+    gemm_splitk_epilogue4_kernel<><<<blocks, 256, 0, stream>>>(ws, splits, e);
     TQ_CUDA_CHECK_LAUNCH();
     return;
   }
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 132 * 16));
-  gemm_splitk_epilogue_kernel<<<blocks, 256, 0, stream>>>(ws, splits, e);
+  gemm_splitk_epilogue_kernel<><<<blocks, 256, 0, stream>>>(ws, splits, e);
   TQ_CUDA_CHECK_LAUNCH();
 }
 
 // Any strides, any alignment: one thread per output element, 16x16 tiles staged in shared memory.
+template <class = void>
 __global__ void gemm_simt_kernel(const __nv_bfloat16* __restrict__ A, int64_t lda, bool trans_a,
                                  const __nv_bfloat16* __restrict__ B, int64_t ldb, bool trans_b,
                                  int K, Epilogue e) {
@@ -243,7 +250,7 @@ __global__ void gemm_simt_kernel(const __nv_bfloat16* __restrict__ A, int64_t ld
 
 inline void launch_gemm_simt(const GemmParams& p, cudaStream_t stream) {
   dim3 block(16, 16), grid((p.N + 15) / 16, (p.M + 15) / 16);
-  gemm_simt_kernel<<<grid, block, 0, stream>>>(p.A, p.lda, p.trans_a, p.B, p.ldb, p.trans_b, p.K,
+  gemm_simt_kernel<><<<grid, block, 0, stream>>>(p.A, p.lda, p.trans_a, p.B, p.ldb, p.trans_b, p.K,
                                                make_epilogue(p));
   TQ_CUDA_CHECK_LAUNCH();
 }

@@ -412,6 +412,25 @@ struct Choice {
   int bn, splits;
 };
 
+// Refinement of a split-K choice whose units form one partial wave (e.g. dw 4544/2048/256, the
+// C (256, 2048) = dYᵀ·X of a 256-wide projection, K = 4544: 32 tiles x 3 splits = 96 of 132 SMs,
+// 0.61 of cuBLAS): add splits while the units still fit one wave, each keeps >= 16 k blocks of
+// mainloop and the fp32 partials stay L2-resident (<= 24 MB). The model's split cost (1.9 TB/s)
+// was calibrated on partials larger than L2 and overstates it here: it rates 4 splits within its
+// 2% hysteresis of 3, while 3 -> 4 cuts every unit's mainloop by a quarter for one more 2 MB
+// slice of L2 traffic (expected: ~18.7 us -> ~14.5 us, about 0.79 of cuBLAS; not yet measured). Only M >= 256 with split-K already chosen is affected (among
+// the benchmarked shapes, that single dw shape; small-M decoding shapes are memory-bound and keep
+// the model's choice).
+inline Choice fill_single_wave(Choice best, int M, int N, int K, int sms) {
+  if (best.splits <= 1 || M < 2 * kBM) return best;
+  const int kb = (K + kBK - 1) / kBK;
+  const int64_t tiles = static_cast<int64_t>((M + kBM - 1) / kBM) * ((N + best.bn - 1) / best.bn);
+  while (tiles * (best.splits + 1) <= sms && kb / (best.splits + 1) >= 16 &&
+         4.0 * (best.splits + 1) * double(M) * N <= 24e6)
+    ++best.splits;
+  return best;
+}
+
 // Cost model: a CTA runs ceil(units / SMs) units of ceil(k_blocks / splits) k blocks each; a k
 // block costs time proportional to its MACs (narrower tiles slightly less efficient); the whole
 // call cannot beat reading A and B once and writing C (small M is memory-bound); split-K adds a
@@ -440,7 +459,7 @@ inline Choice choose(int M, int N, int K, int sms) {
       }
     }
   }
-  return best;
+  return fill_single_wave(best, M, N, K, sms);
 }
 
 template <int BN, bool AM, bool BN_MAJOR>
