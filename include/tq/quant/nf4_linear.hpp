@@ -11,8 +11,11 @@
 //             never materializes W: fp32 accumulation, bias in fp32, one bf16 rounding; it takes the NF4
 //             codes as bf16 (as bnb's gemv_4bit does) and scales per 64-block partial sums, so it agrees
 //             with the dequantize path to bf16 accuracy, not bit for bit.
-//   larger M: dequantize into the reused bf16 scratch, then ops::matmul (bf16 in, fp32 accumulate, bf16
-//             out); a bias is added to that bf16 product (one more bf16 rounding than the CPU path).
+//   larger M: dequantize into the reused bf16 scratch, then the GEMM (bf16 in, fp32 accumulate) with the
+//             bf16 bias added in fp32 in its epilogue (ops::linear_fused_bias) and one bf16 rounding: the CPU
+//             path's numerics, apart from the accumulation order. (Adding the bias to a bf16-rounded product
+//             rounds twice; DoRA's reuse of y − bias as the base branch made that visible in the magnitude
+//             gradient.)
 //   backward: the same dequantize + ops::matmul as the CPU path, on the device.
 #pragma once
 
@@ -68,8 +71,9 @@ class NF4Linear {
     if (x.device().is_cuda() && !ref && x2.size(0) <= kFusedMaxRows) {
       y = nf4::cuda_entry(cuda_nf4_kernels().linear_small_m, "NF4Linear")(x2.to(DType::bf16), weight_, bias_);
     } else if (x.device().is_cuda() && !ref) {
-      y = ops::matmul(x2.to(DType::bf16), dequantized_weight(), false, true);
-      if (bias_.defined()) y = ops::binary(BinaryOp::add, y, bias_.to(DType::bf16));
+      const Tensor& w = dequantized_weight();
+      y = bias_.defined() ? ops::linear_fused_bias(x2.to(DType::bf16), w, bias_.to(DType::bf16))
+                          : ops::matmul(x2.to(DType::bf16), w, false, true);
     } else {
       const Tensor& w = dequantized_weight();
       // bf16 operands are exact in f32: one f32 GEMM + bias, then a single rounding, as cuBLAS' epilogue does.
