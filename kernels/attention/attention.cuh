@@ -13,8 +13,10 @@
 //   records by key_mask_kernel on the stream; a CPU mask is validated on the host and uploaded.
 // - Inputs are made dense (and 16-byte aligned for cp.async) on the device; every buffer comes from
 //   the stream-ordered allocator, so temporaries may be dropped as soon as their kernels are enqueued.
-// - The forward returns lse (B, Hq, Tq) in fp32 (f64 for f64 inputs); the backward reads P back
-//   from q, k and lse, so forward and backward must see the same mask (the autograd node saves it).
+// - The forward returns lse (B, Hq, Tq) in fp32 for bf16/f16 inputs, f64 for f32/f64 (lse_dtype_for);
+//   the backward reads P back from q, k and lse, so forward and backward must see the same mask (the
+//   autograd node saves it). The saved output is not read: Σ_j P_ij·dP_ij is recomputed (see
+//   flash_backward.cuh for why dO·O, rounded to the input format, is not precise enough).
 #pragma once
 
 #include <array>
@@ -40,11 +42,11 @@ bool with_flash_head_dim(int64_t D, F&& f) {
   }
 }
 
-// Calls f(T{}, C{}) with the storage type T of `dt` and its compute type C.
+// Calls f(T{}, C{}) with the storage type T of `dt` and the generic path's compute type C.
 template <class F>
 void with_float_storage(DType dt, F&& f) {
   switch (dt) {
-    case DType::f32: f(float{}, float{}); return;
+    case DType::f32: f(float{}, double{}); return;  // see attention_generic.cuh: f32 computes in double
     case DType::f64: f(double{}, double{}); return;
     case DType::bf16: f(::tq::bf16{}, float{}); return;
     case DType::f16: f(::tq::f16{}, float{}); return;
@@ -58,6 +60,10 @@ inline Tensor dense_aligned(const Tensor& t) {
   if (!aligned_to(c.data_ptr(), 16)) c = c.detach().clone();
   return c;
 }
+
+// The dtype of the saved log-sum-exp: the generic path's compute type (f64 for f32 and f64 inputs),
+// f32 for bf16/f16 (both paths).
+inline DType lse_dtype_for(DType dt) { return dt == DType::bf16 || dt == DType::f16 ? DType::f32 : DType::f64; }
 
 inline Params make_params(const AttentionGeometry& g, const MaskParams& mask) {
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
@@ -78,6 +84,7 @@ inline Params make_params(const AttentionGeometry& g, const MaskParams& mask) {
 template <class Tag, int D>
 struct FlashInstance {
   static constexpr size_t kForwardBytes = flash_forward_smem_bytes<D>();
+  static constexpr size_t kRowDotBytes = flash_row_dot_smem_bytes<D>();
   static constexpr size_t kBackwardBytes = BackwardTiles<D>::kBytes;
 
   // Opts the kernels into their shared memory on `dev` (once) and returns the backward's resident
@@ -88,6 +95,8 @@ struct FlashInstance {
     std::call_once(once[size_t(dev)], [dev] {
       TQ_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<Tag, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kForwardBytes)));
+      TQ_CUDA_CHECK(cudaFuncSetAttribute(flash_row_dot_kernel<Tag, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kRowDotBytes)));
       TQ_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<Tag, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kBackwardBytes)));
       int n = 0;
@@ -99,7 +108,7 @@ struct FlashInstance {
   }
   static bool fits(int dev) {
     const size_t optin = device_properties(dev).sharedMemPerBlockOptin;
-    return optin >= kForwardBytes && optin >= kBackwardBytes;
+    return optin >= kForwardBytes && optin >= kRowDotBytes && optin >= kBackwardBytes;
   }
 };
 
@@ -182,7 +191,7 @@ inline std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   const Device dev = q.device();
   DeviceGuard guard(dev.index);
   cudaStream_t stream = current_stream();
-  const DType lse_dtype = q.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  const DType lse_dtype = lse_dtype_for(q.dtype());
   Tensor out = Tensor::empty({g.B, g.Hq, g.Tq, g.Dv}, q.dtype(), dev);
   Tensor lse = Tensor::empty({g.B, g.Hq, g.Tq}, lse_dtype, dev);
   if (g.B * g.Hq * g.Tq == 0) return {out, lse};
@@ -196,11 +205,10 @@ inline std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 // ---- backward ----
 
 inline void launch_flash_backward(const Params& prm, const Tensor& q, const Tensor& k, const Tensor& v,
-                                  const Tensor& dout, const Tensor& out, const Tensor& lse,
-                                  const AttentionGeometry& g, int dev, cudaStream_t stream, std::vector<Tensor>& grads) {
+                                  const Tensor& dout, const Tensor& lse, const AttentionGeometry& g, int dev,
+                                  cudaStream_t stream, std::vector<Tensor>& grads) {
   const Device device = q.device();
   const DType dt = q.dtype();
-  const int64_t rows = g.B * g.Hq * g.Tq;
   Tensor row_dot = Tensor::empty({g.B, g.Hq, g.Tq}, DType::f32, device);
   Tensor dq_acc = Tensor::zeros(q.shape(), DType::f32, device);
   with_flash_instance(dt, g.D, [&](auto tag, auto d) {
@@ -208,9 +216,16 @@ inline void launch_flash_backward(const Params& prm, const Tensor& q, const Tens
     constexpr int D = decltype(d)::value;
     using Tiles = BackwardTiles<D>;
     const int blocks_per_sm = FlashInstance<Tag, D>::prepare(dev);
-    row_dot_kernel<Tag><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(
-        static_cast<const uint16_t*>(dout.data_ptr()), static_cast<const uint16_t*>(out.data_ptr()),
-        static_cast<float*>(row_dot.data_ptr()), rows, D);
+    FlashRowDotArgs r;
+    r.p = prm;
+    r.q = static_cast<const uint16_t*>(q.data_ptr());
+    r.k = static_cast<const uint16_t*>(k.data_ptr());
+    r.v = static_cast<const uint16_t*>(v.data_ptr());
+    r.dout = static_cast<const uint16_t*>(dout.data_ptr());
+    r.lse = static_cast<const float*>(lse.data_ptr());
+    r.row_dot = static_cast<float*>(row_dot.data_ptr());
+    const dim3 row_grid(unsigned((g.rep * g.Tq + kFwdRows - 1) / kFwdRows), unsigned(g.B * g.Hkv));
+    flash_row_dot_kernel<Tag, D><<<row_grid, kFwdThreads, FlashInstance<Tag, D>::kRowDotBytes, stream>>>(r);
     check_launch();
     const int key_tiles = int((g.Tk + Tiles::kKeys - 1) / Tiles::kKeys);
     const int query_tiles = int((g.rep * g.Tq + Tiles::kRows - 1) / Tiles::kRows);
@@ -283,7 +298,7 @@ inline std::vector<Tensor> backward(const Tensor& dout, const Tensor& q, const T
   DeviceGuard guard(dev.index);
   cudaStream_t stream = current_stream();
   const DType dt = q.dtype();
-  const DType lse_dtype = dt == DType::f64 ? DType::f64 : DType::f32;
+  const DType lse_dtype = lse_dtype_for(dt);
   TQ_CHECK(lse.dtype() == lse_dtype && lse.shape() == Shape({g.B, g.Hq, g.Tq}) && out.dtype() == dt &&
                out.shape() == Shape({g.B, g.Hq, g.Tq, g.Dv}),
            "scaled_dot_product_attention backward: saved forward ", describe(out), " and lse ", describe(lse),
@@ -295,9 +310,9 @@ inline std::vector<Tensor> backward(const Tensor& dout, const Tensor& q, const T
   // The gradient is taken in q's format (the CPU op widens it to the compute type instead).
   const Tensor doc = dense_aligned(dout.dtype() == dt ? dout : dout.detach().to(dt));
   const Tensor qc = dense_aligned(q), kc = dense_aligned(k), vc = dense_aligned(v);
-  const Tensor oc = dense_aligned(out), lc = lse.detach().contiguous();
+  const Tensor lc = lse.detach().contiguous();  // out is not needed: both paths recompute Σ_j P_ij dP_ij
   std::vector<Tensor> grads(3);
-  if (flash_eligible(g, dt, dev.index)) launch_flash_backward(prm, qc, kc, vc, doc, oc, lc, g, dev.index, stream, grads);
+  if (flash_eligible(g, dt, dev.index)) launch_flash_backward(prm, qc, kc, vc, doc, lc, g, dev.index, stream, grads);
   else launch_generic_backward(prm, qc, kc, vc, doc, lc, g, stream, grads);
   return grads;
 }

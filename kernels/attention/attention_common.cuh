@@ -27,6 +27,11 @@ using ops::AttentionGeometry;
 
 inline constexpr float kLog2e = 1.4426950408889634f;
 
+// x·log2(e) rounded on its own (never fused into a following subtraction): the flash kernels compute
+// exp(x − m) as exp2(log2_scaled(x) − log2_scaled(m)), which is exactly exp2(0) = 1 when x == m, in the
+// forward and in the backward alike.
+__device__ __forceinline__ float log2_scaled(float x) { return __fmul_rn(x, kLog2e); }
+
 // ---- the mask as the kernels see it ----
 
 // keys (B, Tk) int2, one per key position x of each batch row:
@@ -219,13 +224,16 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 }
 
 // The 16-bit input formats of the tensor-core path: packing two fp32 values (lo = lower column) into
-// one mma operand register, reading one element, and the mma itself (d = a·b + d, fp32 accumulate).
+// one mma operand register, reading one element, rounding a float to the format, and the mma itself
+// (d = a·b + d, fp32 accumulate).
 struct Bf16 {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ float to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+  // x rounded to the format, as a float (x − rounded(x) is then exact in fp32).
+  static __device__ __forceinline__ float rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -240,6 +248,7 @@ struct F16 {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ float rounded(float x) { return __half2float(__float2half_rn(x)); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "

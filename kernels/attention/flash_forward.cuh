@@ -10,9 +10,14 @@
 //   some of its rows can see (causal / prefix reach, sliding window).
 // - S, the running max and the row sums live in registers in fp32; P is rounded to the input format
 //   only as the A operand of P·V. Neither S nor P is ever written to memory.
-// - Softmax: logit = scale·(q·k), softcap·tanh(logit/softcap) when on, hidden keys = −inf; exp2 with
-//   log2(e) folded in. A row that sees no key keeps max = −inf and sum = 0: output 0, lse = −inf.
+// - Softmax: logit = scale·(q·k), softcap·tanh(logit/softcap) when on, hidden keys = −inf; exp2 of
+//   log2_scaled(x) − log2_scaled(max) (both products rounded, no FMA), so the row's largest logit gets
+//   exactly 1 and an unchanged max rescales by exactly 1. A row that sees no key keeps max = −inf and
+//   sum = 0: output 0, lse = −inf.
 // - Output rounded once from fp32; lse = max + log(sum) in fp32 (natural log), saved for the backward.
+//   A row with one visible key gets sum = 1 and lse = its logit exactly; the backward recomputes the
+//   same logit bit for bit (same mma sequence per element, same scale/softcap ops), so its P is exactly
+//   1 and its dS exactly 0 (an analytically zero gradient comes out as 0, not as rounding noise).
 #pragma once
 
 #include "kernels/attention/flash_tiles.cuh"
@@ -65,8 +70,8 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(row_max[rr], mx);
-    const float base = m_new == -INFINITY ? 0.f : m_new * kLog2e;  // no key yet: keep everything at 0
-    const float alpha = exp2f(row_max[rr] * kLog2e - base);        // 0 when the old max was −inf
+    const float base = m_new == -INFINITY ? 0.f : log2_scaled(m_new);  // no key yet: keep everything at 0
+    const float alpha = exp2f(log2_scaled(row_max[rr]) - base);       // 0 when the old max was −inf
     row_max[rr] = m_new;
     row_sum[rr] *= alpha;
 #pragma unroll
@@ -78,7 +83,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e1 = 0; e1 < 2; ++e1) {
-        const float pv = exp2f(fmaf(s[nt][2 * rr + e1], kLog2e, -base));
+        const float pv = exp2f(log2_scaled(s[nt][2 * rr + e1]) - base);  // exactly 1 at the max
         s[nt][2 * rr + e1] = pv;
         row_sum[rr] += pv;
       }
@@ -112,7 +117,6 @@ __global__ void __launch_bounds__(kFwdThreads, 2) flash_forward_kernel(FlashForw
   uint16_t* sQ = flash_smem;                        // (kFwdRows, kStride)
   uint16_t* sK = sQ + kFwdRows * H::kStride;  // (kFwdKeys, kStride)
   uint16_t* sV = sK + kFwdKeys * H::kStride;  // (kFwdKeys, kStride)
-  __shared__ int s_lo, s_hi;
 
   const Params& p = a.p;
   const int M = p.rep * p.Tq;                                           // packed rows of the group
@@ -126,20 +130,8 @@ __global__ void __launch_bounds__(kFwdThreads, 2) flash_forward_kernel(FlashForw
   float* lseg = a.lse + int64_t(group) * M;                             // (M)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t4 = lane % 4;
 
-  // Keys any row of the tile can see: [kv_lo, kv_hi).
-  if (tid == 0) s_lo = p.Tk, s_hi = 0;
-  __syncthreads();
-  if (tid < kFwdRows && m0 + tid < M) {
-    int lo, hi;
-    key_range(p.mask, b, row_mask(p.mask, b, (m0 + tid) % p.Tq), lo, hi);
-    if (lo < hi) {
-      atomicMin(&s_lo, lo);
-      atomicMax(&s_hi, hi);
-    }
-  }
-  __syncthreads();
-  const int t_begin = s_lo / kFwdKeys;
-  const int t_end = s_lo < s_hi ? (s_hi + kFwdKeys - 1) / kFwdKeys : t_begin;
+  int t_begin, t_end;  // the key tiles some row of this CTA can see
+  visible_key_tiles<kFwdRows, kFwdKeys>(p, b, m0, M, t_begin, t_end);
 
   RowMask rows[2];
 #pragma unroll

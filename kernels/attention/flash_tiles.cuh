@@ -82,6 +82,29 @@ __device__ __forceinline__ void warp_gemm_rows(float (&acc)[kNT][4], const uint1
   }
 }
 
+// The key tiles [t_begin, t_end) of width kKeys that some of the packed query rows [m0, m0 + kRows)
+// (of M, batch row b) can see through the positional masks (causal / prefix reach, sliding window);
+// t_begin == t_end when none. Every thread of the block calls it (it holds two barriers).
+template <int kRows, int kKeys>
+__device__ __forceinline__ void visible_key_tiles(const Params& p, int b, int m0, int M, int& t_begin, int& t_end) {
+  static_assert(kRows <= 128, "one thread per row among the first warps");
+  __shared__ int s_lo, s_hi;
+  const int tid = threadIdx.x;
+  if (tid == 0) s_lo = p.Tk, s_hi = 0;
+  __syncthreads();
+  if (tid < kRows && m0 + tid < M) {
+    int lo, hi;
+    key_range(p.mask, b, row_mask(p.mask, b, (m0 + tid) % p.Tq), lo, hi);
+    if (lo < hi) {
+      atomicMin(&s_lo, lo);
+      atomicMax(&s_hi, hi);
+    }
+  }
+  __syncthreads();
+  t_begin = s_lo / kKeys;
+  t_end = s_lo < s_hi ? (s_hi + kKeys - 1) / kKeys : t_begin;
+}
+
 // Zeroes an accumulator array.
 template <int kNT>
 __device__ __forceinline__ void zero(float (&acc)[kNT][4]) {

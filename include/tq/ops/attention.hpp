@@ -218,10 +218,12 @@ inline AttentionMaskPlan attention_plan(const Tensor& q, const Tensor& k, const 
 // validated (attention_geometry, attention_check_mask_tensors) and on one CUDA device.
 struct AttentionCudaKernels {
   // {out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq)}: lse is each row's log-sum-exp of its visible
-  // logits (after softcap), f32 (f64 for f64 inputs), −inf where the row sees no key.
+  // logits (after softcap), f32 for bf16/f16 inputs and f64 for f32/f64 inputs (the precision the
+  // kernels compute in), −inf where the row sees no key.
   std::vector<Tensor> (*forward)(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt,
                                  const AttentionGeometry& g) = nullptr;
-  // {dq, dk, dv} in the dtype of q from dout and the forward's out and lse (P is recomputed from q, k, lse).
+  // {dq, dk, dv} in the dtype of q from dout and the forward's lse (P is recomputed from q, k, lse; out
+  // is checked for shape but not read: the kernels recompute Σ_j P·dP rather than use the rounded dO·out).
   std::vector<Tensor> (*backward)(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                   const Tensor& out, const Tensor& lse, const AttentionOptions& opt,
                                   const AttentionGeometry& g) = nullptr;
