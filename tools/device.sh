@@ -26,12 +26,13 @@ B=$ROOT/.dev/bin
 {
   echo "== $(date -u +%FT%TZ) commit $(tr '\n' ' ' <.dev/COMMIT)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  echo "libnccl: $(ldconfig -p | grep -o 'libnccl.so[^ ]*' | head -1) $(ls /usr/local/cuda/lib*/libnccl.so* 2>/dev/null | head -1)"
 } 2>&1 | tee "$OUT/env.log"
 summary=()
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "== GPU tests"
-  "$B/tq_tests" --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" >"$OUT/tests.log" 2>&1
+  timeout "${TQ_TEST_TIMEOUT:-420}" "$B/tq_tests" --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^\[  FAILED  \]|Failure|Expected|Which is|actual|\[ info \]" "$OUT/tests.log" | head -80
   summary+=("tests: $(grep -E '^\[  PASSED  \]|^\[  FAILED  \] [0-9]+ test' "$OUT/tests.log" | tr '\n' ' ') (rc $rc)")
@@ -39,7 +40,8 @@ fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
   echo "== benchmarks"
-  "$B/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-.}" --benchmark_out="$OUT/bench.json" \
+  [[ -x $B/tq_bench ]] || B_BENCH=$ROOT/.devb
+  timeout "${TQ_BENCH_TIMEOUT:-540}" "${B_BENCH:-$B}/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-.}" --benchmark_out="$OUT/bench.json" \
     --benchmark_out_format=json >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
   python3 tools/bench_table.py "$OUT/bench.json" | tee "$OUT/bench_table.txt"
   summary+=("bench: $(grep -c . "$OUT/bench_table.txt") lines in bench_table.txt")
