@@ -32,7 +32,7 @@ summary=()
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "== GPU tests"
-  "$B/tq_tests" --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" >"$OUT/tests.log" 2>&1
+  timeout "${TQ_TEST_TIMEOUT:-420}" "$B/tq_tests" --gtest_filter="${TQ_GTEST_FILTER:-Gpu*}" >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^\[  FAILED  \]|Failure|Expected|Which is|actual|\[ info \]" "$OUT/tests.log" | head -80
   summary+=("tests: $(grep -E '^\[  PASSED  \]|^\[  FAILED  \] [0-9]+ test' "$OUT/tests.log" | tr '\n' ' ') (rc $rc)")
@@ -40,7 +40,8 @@ fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
   echo "== benchmarks"
-  "$B/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-.}" --benchmark_out="$OUT/bench.json" \
+  [[ -x $B/tq_bench ]] || B_BENCH=$ROOT/.devb
+  timeout "${TQ_BENCH_TIMEOUT:-540}" "${B_BENCH:-$B}/tq_bench" --benchmark_filter="${TQ_BENCH_FILTER:-.}" --benchmark_out="$OUT/bench.json" \
     --benchmark_out_format=json >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
   python3 tools/bench_table.py "$OUT/bench.json" | tee "$OUT/bench_table.txt"
   summary+=("bench: $(grep -c . "$OUT/bench_table.txt") lines in bench_table.txt")
@@ -56,14 +57,14 @@ if [[ " $STEPS " == *" model "* ]]; then
     "$B/paligemma" preprocess --model $M/$arch --input $M/img/batch.jsonl --out $M/batch_$arch.safetensors --padding left \
       >/dev/null
     for q in none nf4; do
-      line=$("$B/paligemma" generate --model $M/$arch --batch $M/batch_$arch.safetensors --max-new-tokens 64 \
+      line=$(timeout 120 "$B/paligemma" generate --model $M/$arch --batch $M/batch_$arch.safetensors --max-new-tokens 64 \
         --device cuda --dtype bf16 --quant $q 2>&1 >/dev/null | grep "^generate:")
-      echo "$arch $q: $line" | tee -a "$OUT/model.log"
+      echo "$arch $q: ${line:-(failed: rerun by hand for the error)}" | tee -a "$OUT/model.log"
       summary+=("generate $arch bf16/$q: $line")
     done
   done
   t0=$(date +%s)
-  "$B/paligemma" train --model $M/pg1 --data $M/risc --out $M/run --device cuda --max-steps "${TQ_TRAIN_STEPS:-50}" \
+  timeout "${TQ_TRAIN_TIMEOUT:-240}" "$B/paligemma" train --model $M/pg1 --data $M/risc --out $M/run --device cuda --max-steps "${TQ_TRAIN_STEPS:-50}" \
     --log-every 10 >"$OUT/train.log" 2>&1
   echo "train rc $? in $(( $(date +%s) - t0 )) s"
   grep -E "^train:|^step" "$OUT/train.log" | tail -8 | tee -a "$OUT/model.log"
@@ -72,7 +73,7 @@ if [[ " $STEPS " == *" model "* ]]; then
   summary+=("train pg1: $(grep -E '^step' "$OUT/train.log" | tail -1)")
   summary+=("train pg1: $(grep -E '^train: done' "$OUT/train.log")")
   t0=$(date +%s)
-  "$B/paligemma" eval --model $M/pg1 --adapter $M/run/adapter --data $M/risc --limit 500 --batch-size 50 \
+  timeout "${TQ_EVAL_TIMEOUT:-240}" "$B/paligemma" eval --model $M/pg1 --adapter $M/run/adapter --data $M/risc --limit 500 --batch-size 50 \
     --device cuda --dtype bf16 --quant nf4 --max-new-tokens 64 --out $M/eval --no-progress >"$OUT/eval.log" 2>&1
   echo "eval rc $? in $(( $(date +%s) - t0 )) s"
   tail -3 "$OUT/eval.log"
