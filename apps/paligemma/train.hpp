@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -185,6 +186,41 @@ struct TrainResult {
   std::string last_checkpoint;
 };
 
+// Where a training step's time goes, when TQ_PROFILE=1: the device is synchronized at every phase
+// boundary (so phases do not overlap, and the run is slower than an unprofiled one) and each
+// phase's wall time is summed; report() prints milliseconds per step.
+class PhaseTimer {
+ public:
+  enum Phase { data, forward, backward, reduce_clip, optimizer, count };
+  explicit PhaseTimer(Device d) : dev_(d), on_(std::getenv("TQ_PROFILE") && *std::getenv("TQ_PROFILE") == '1') {}
+  void begin() {
+    if (!on_) return;
+    synchronize(dev_);
+    last_ = clock::now();
+  }
+  void mark(Phase p) {
+    if (!on_) return;
+    synchronize(dev_);
+    const auto now = clock::now();
+    sum_[p] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  void report(int64_t steps, bool print) const {
+    if (!on_ || !print || steps <= 0) return;
+    static const char* names[count] = {"data", "forward", "backward", "all-reduce+clip", "optimizer"};
+    std::string line = "profile (ms/step):";
+    for (int p = 0; p < count; ++p) line += str_cat(" ", names[p], " ", sum_[p] * 1e3 / double(steps));
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  Device dev_;
+  bool on_;
+  clock::time_point last_;
+  double sum_[count] = {};
+};
+
 class Trainer {
  public:
   using TokenizeFn = risc::TokenizeFn;
@@ -267,8 +303,12 @@ class Trainer {
     double loss_acc = 0;
     int64_t since_log = 0, samples = 0;
     m_.train(true);
+    PhaseTimer prof(m_.device());  // TQ_PROFILE=1: synchronized per-phase wall time, printed at the end
+    const int64_t first_step = step_;
     while (step_ < stop_at) {
+      prof.begin();
       std::vector<Batch> micro = next_micro_batches();
+      prof.mark(PhaseTimer::data);
       int64_t local_tok = 0;
       for (const Batch& b : micro) local_tok += count_supervised(b, m_.config.ignore_index);
       const int64_t n_tok = dist::global_token_count(*comm_, local_tok);
@@ -280,7 +320,9 @@ class Trainer {
       for (const Batch& b : micro) {
         Tensor loss = summed_loss(m_, b, normalizer);
         step_loss += loss.item<double>();
+        prof.mark(PhaseTimer::forward);
         loss.backward();
+        prof.mark(PhaseTimer::backward);
         step_samples += b.input_ids.size(0);
       }
       samples += step_samples;
@@ -289,9 +331,11 @@ class Trainer {
       comm_->wait();
       const double gn = opt_.max_grad_norm > 0 ? bucket_->clip_grad_norm(opt_.max_grad_norm) : bucket_->grad_norm();
       step_loss = comm_->size() > 1 ? dist::mean_over_ranks(*comm_, step_loss) : step_loss;
+      prof.mark(PhaseTimer::reduce_clip);
       opt_groups_->step();
       const double lr = opt_groups_->groups()[0].lr;
       opt_groups_->zero_grad();
+      prof.mark(PhaseTimer::optimizer);
       ++step_;
       r.losses.push_back(step_loss);
       loss_acc += step_loss;
@@ -325,6 +369,7 @@ class Trainer {
       }
     }
     r.steps_done = step_;
+    prof.report(step_ - first_step, comm_->rank() == 0);
     m_.train(false);
     return r;
   }
