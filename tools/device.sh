@@ -9,7 +9,10 @@
 #   model   full-size random-init PaliGemma-3B / PaliGemma 2 3B (`paligemma init`): generate in bf16
 #           and NF4 (tokens/s, peak memory), the full QLoRA recipe for TQ_TRAIN_STEPS (default 50)
 #           steps, then `eval --limit 500` with the adapter
-# TQ_GTEST_FILTER overrides the test filter.
+#   hf      (not by default) the HF transformers+peft+bitsandbytes reference training loop on the model
+#           step's PaliGemma-3B (tools/bench_hf_train.py): samples/s for the ratio
+# TQ_GTEST_FILTER overrides the test filter; TQ_ARCHS (default "pg1 pg2") the model step's models
+# (train and eval need pg1); TQ_PROFILE=1 makes train print where a step's time goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -63,21 +66,34 @@ if [[ " $STEPS " == *" model "* ]]; then
       summary+=("generate $arch bf16/$q: $line")
     done
   done
-  t0=$(date +%s)
-  timeout "${TQ_TRAIN_TIMEOUT:-240}" "$B/paligemma" train --model $M/pg1 --data $M/risc --out $M/run --device cuda --max-steps "${TQ_TRAIN_STEPS:-50}" \
-    --log-every 10 >"$OUT/train.log" 2>&1
-  echo "train rc $? in $(( $(date +%s) - t0 )) s"
-  grep -E "^train:|^step" "$OUT/train.log" | tail -8 | tee -a "$OUT/model.log"
-  cp $M/run/log.csv "$OUT/train_log.csv" 2>/dev/null
-  summary+=("train pg1: $(grep -E '^train: .*trainable' "$OUT/train.log" | head -1)")
-  summary+=("train pg1: $(grep -E '^step' "$OUT/train.log" | tail -1)")
-  summary+=("train pg1: $(grep -E '^train: done' "$OUT/train.log")")
-  t0=$(date +%s)
-  timeout "${TQ_EVAL_TIMEOUT:-240}" "$B/paligemma" eval --model $M/pg1 --adapter $M/run/adapter --data $M/risc --limit 500 --batch-size 50 \
-    --device cuda --dtype bf16 --quant nf4 --max-new-tokens 64 --out $M/eval --no-progress >"$OUT/eval.log" 2>&1
-  echo "eval rc $? in $(( $(date +%s) - t0 )) s"
-  tail -3 "$OUT/eval.log"
-  summary+=("eval pg1 500: $(grep -E '^eval:' "$OUT/eval.log")")
+  if [[ " ${TQ_ARCHS:-pg1 pg2} " == *" pg1 "* ]]; then
+    t0=$(date +%s)
+    timeout "${TQ_TRAIN_TIMEOUT:-240}" "$B/paligemma" train --model $M/pg1 --data $M/risc --out $M/run --device cuda --max-steps "${TQ_TRAIN_STEPS:-50}" \
+      --log-every 10 >"$OUT/train.log" 2>&1
+    echo "train rc $? in $(( $(date +%s) - t0 )) s"
+    grep -E "^train:|^step" "$OUT/train.log" | tail -8 | tee -a "$OUT/model.log"
+    cp $M/run/log.csv "$OUT/train_log.csv" 2>/dev/null
+    summary+=("train pg1: $(grep -E '^train: .*trainable' "$OUT/train.log" | head -1)")
+    summary+=("train pg1: $(grep -E '^step' "$OUT/train.log" | tail -1)")
+    summary+=("train pg1: $(grep -E '^train: done' "$OUT/train.log")")
+    t0=$(date +%s)
+    timeout "${TQ_EVAL_TIMEOUT:-240}" "$B/paligemma" eval --model $M/pg1 --adapter $M/run/adapter --data $M/risc --limit 500 --batch-size 50 \
+      --device cuda --dtype bf16 --quant nf4 --max-new-tokens 64 --out $M/eval --no-progress >"$OUT/eval.log" 2>&1
+    echo "eval rc $? in $(( $(date +%s) - t0 )) s"
+    tail -3 "$OUT/eval.log"
+    summary+=("eval pg1 500: $(grep -E '^eval:' "$OUT/eval.log")")
+  fi
+fi
+
+if [[ " $STEPS " == *" hf "* ]]; then
+  # The Python reference (transformers + peft + bitsandbytes, the notebook's recipe) on the same GPU,
+  # model and data: its samples/s for the ratio in bench/RESULTS.md. Needs the model step's pg1 and
+  # bitsandbytes (carry a folder holding it and set PYTHONPATH, e.g. .whl/site).
+  echo "== HF reference training throughput"
+  line=$(timeout "${TQ_HF_TIMEOUT:-300}" python3 tools/bench_hf_train.py /tmp/tq_model/pg1 /tmp/tq_model/risc "${TQ_HF_STEPS:-12}" 2>"$OUT/hf.err" | tail -1)
+  echo "${line:-(failed: see hf.err)}" | tee "$OUT/hf.log"
+  tail -5 "$OUT/hf.err"
+  summary+=("hf reference: ${line:-failed}")
 fi
 
 echo "== summary"
