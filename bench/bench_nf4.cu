@@ -130,7 +130,7 @@ LinearTimes time_linear(int64_t M, int64_t K, int64_t N) {
   Tensor y = Tensor::empty({M, N}, DType::bf16, kCuda);
   if (M <= NF4Linear::kFusedMaxRows) {
     // The fused kernel on preallocated buffers (NF4Linear adds only the output allocation).
-    const cuda::nf4k::SmallMPlan plan = cuda::nf4k::plan_small_m(M, N, K, qs[0].packed.data_ptr(), x.data_ptr(), 0);
+    const cuda::nf4k::SmallMPlan plan = cuda::nf4k::plan_small_m(N, K, qs[0].packed.data_ptr(), x.data_ptr(), 0);
     Tensor ws = Tensor::empty({std::max<int64_t>(1, plan.workspace_floats(M))}, DType::f32, kCuda);
     std::vector<cuda::nf4k::SmallMArgs> args(static_cast<size_t>(nq));
     std::vector<std::vector<Tensor>> keep(static_cast<size_t>(nq));

@@ -16,14 +16,13 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. A warp streams the codes of 4 rows with 16-byte loads
-//   (each lane one 32-code chunk per row, lanes on consecutive chunks), x (M ≤ 16 tokens, one K slice)
-//   sits in shared memory, staged once per CTA. The codes enter as bf16 (bnb's gemv_4bit also rounds
-//   its code table to bf16), so every product with a bf16 x is exact in fp32; sums are fp32; the
-//   64-block scale multiplies each chunk's fp32 sum (M = 1) or each decoded code (M > 1); the bias
-//   (rounded to bf16, as NF4Linear does) is added in fp32 and the output rounded once to bf16.
-//   When K is split into slices (x too large for shared memory) the per-slice fp32 sums go through a
-//   workspace and are added in slice order: results are deterministic (no atomics).
+// - The fused product never materializes W. Tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
+//   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
+//   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
+//   multiplies that block's fp32 partial sum, the bias (rounded to bf16, as NF4Linear does) is
+//   added in fp32 and the output rounded once to bf16. Work is split stream-K style (every warp
+//   the same number of 64-block units); partial sums go through an fp32 workspace and are added in
+//   a fixed order: results are deterministic (no atomics).
 // The kernels that are not otherwise templates are templates on an unused parameter: every
 // translation unit that includes this header may instantiate them (a plain __global__ definition
 // in a header is a duplicate symbol at link time).
@@ -317,179 +316,218 @@ struct SmallMArgs {
   const __nv_bfloat16* x;     // (M, K) row-major
   const __nv_bfloat16* bias;  // (N) or null
   __nv_bfloat16* y;           // (M, N) row-major
-  float* partial;             // (S, M, N) fp32 per-slice sums when the plan splits K (S > 1), else unused
+  float* partial;             // (segments, M, 16) fp32 partial sums of the tensor-core path
   int M;
   int64_t N, K;
-  // Filled by launch_small_m from the plan:
-  int64_t packed_bytes;  // (N·K + 1) / 2
-  int P;                 // 1 when K % 32 == 0, else 2: rows n ≡ r (mod P) start at the same phase in a 32-code chunk
-  int64_t groups;        // row groups of R = small_m_rows(MT) rows of one phase: P · ceil(N / (P · R))
-  int64_t slice;         // k per slice (a multiple of 32); slice s covers k in [s·slice, min(K, (s+1)·slice))
-  int slices;            // S
+  // Rows n ≡ r (mod P) share the block phase ψ_r = (r·K) mod 64, so one 16-row tile of a residue
+  // class sees its 64-block boundaries at the same k in every row. P = 64 / gcd(K, 64).
+  int P;
+  int64_t tiles_per_class;  // ceil(ceil(N / P) / 16)
+  int64_t tiles;            // P · tiles_per_class
+  int64_t units_per_tile;   // 64-block units per row, the most any residue class has (U)
+  int64_t units_per_warp;   // Q: warp w owns tile-units [w·Q, (w+1)·Q) of the tiles·U in tile-major order
+  int64_t total_units;      // tiles · U
 };
 
-constexpr int kSmallMThreads = 256;  // 8 warps per CTA
-// R: rows a warp streams at once (R 16-byte loads in flight per lane); 2 at M > 8, where the fp32
-// accumulators (R·16) would otherwise spill.
-__host__ __device__ constexpr int small_m_rows(int MT) { return MT > 8 ? 2 : 4; }
+// A tile's rows: tile = class r, 16 consecutive rows of that class; lane (g, t) owns rows g, g+8.
+struct TileRows {
+  int r, psi, units;  // residue class, block phase, this class's units per row
+  bool okA, okB;      // rows g, g+8 exist (< N)
+  int64_t nA, nB;     // their row indices
+  int64_t b0A, b0B;   // the flat 64-block each row starts in
+};
+__device__ __forceinline__ TileRows tile_rows(const SmallMArgs& a, int64_t tile, int g) {
+  TileRows tr;
+  tr.r = int(tile / a.tiles_per_class);
+  const int64_t tau = tile - int64_t(tr.r) * a.tiles_per_class;
+  const int64_t class_rows = tr.r < a.N ? (a.N - tr.r + a.P - 1) / a.P : 0;
+  const int64_t iA = 16 * tau + g, iB = iA + 8;
+  tr.okA = iA < class_rows;
+  tr.okB = iB < class_rows;
+  tr.nA = tr.r + int64_t(a.P) * iA;
+  tr.nB = tr.r + int64_t(a.P) * iB;
+  tr.psi = int((int64_t(tr.r) * a.K) & 63);
+  tr.units = int((tr.psi + a.K + 63) / 64);
+  tr.b0A = tr.okA ? (tr.nA * a.K) >> 6 : 0;
+  tr.b0B = tr.okB ? (tr.nB * a.K) >> 6 : 0;
+  return tr;
+}
 
-// Shared memory of the fast kernel: code[16], dyn[256] (f32), then x (MT, slice + 32) bf16.
-inline int64_t small_m_smem_bytes(int MT, int64_t slice) { return (16 + 256) * 4 + int64_t(MT) * (slice + 32) * 2; }
+// d = A·B + c for one m16n8k16 tile (bf16 in, fp32 accumulate). Fragments as in the PTX ISA:
+// a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d0,d1 = D[g][2t..2t+1], d2,d3 = D[g+8][2t..2t+1]
+// (g = lane / 4, t = lane % 4; the lower k / column in the lower half of each register).
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
 
-// The fast path (K % 16 == 0, 16-byte aligned codes and x). Chunk c of the flat code array is bytes
-// [16c, 16c + 16) = elements [32c, 32c + 32): one 16-byte load, inside one 64-block (scale am(c/2)).
-// Row n starts at flat element nK, at phase ψ = nK mod 32 ∈ {0, 16} of its first chunk c0 = ⌊nK/32⌋,
-// so its chunk c0 + j holds k ∈ [32j − ψ, 32j − ψ + 32); the part outside [0, K) (another row's
-// codes) meets zeros of the staged x. A warp takes R rows of one phase (a row group) and its lanes
-// take consecutive chunks j (coalesced 512-byte loads per row); x of the CTA's K slice, for all MT
-// tokens, is staged in shared memory once, with 16 zeros before and after (and zeros for tokens
-// ≥ M). Lane l reads the four 16-byte x quads of its chunk starting at quad (l/2) mod 4, which makes
-// each quarter-warp's loads hit 8 distinct 16-byte bank groups (no conflicts at a 64-byte stride).
-// Products bf16(code)·x are exact in fp32 and accumulate in fp32; the 64-block scale multiplies a
-// chunk's sum (kFold = false, M = 1) or each decoded weight (kFold, M > 1, so that the per-chunk
-// sums need no registers); lanes are combined by a fixed xor-shuffle tree. One slice: y = bf16(sum +
-// bias) directly; several: per-slice fp32 sums in a.partial, added in slice order by
-// small_m_reduce_kernel. No atomics: the result is deterministic.
-template <int MT, bool kFold>
-__global__ void __launch_bounds__(kSmallMThreads, MT == 1 ? 4 : 2) small_m_kernel(SmallMArgs a, Tables tab) {
-  constexpr int R = small_m_rows(MT);
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* code = reinterpret_cast<float*>(smem);  // (16) bf16-rounded NF4 codes, as f32
-  float* dyn = code + 16;                        // (256)
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(dyn + 256);  // (MT, L): xs[m][16 + k − lo]
-  const int64_t K = a.K, lo = int64_t(blockIdx.y) * a.slice, hi = lo + a.slice < K ? lo + a.slice : K;
-  const int L = int(a.slice) + 32;
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn[i] = tab.dyn[i];
-  if (threadIdx.x < 16) code[threadIdx.x] = __bfloat162float(__float2bfloat16_rn(tab.code[threadIdx.x]));
-  {
-    const int per_row = L / 8;  // 16-byte pieces of 8 values; k = lo − 16 + 8·p is in or out of [lo, hi) as a whole
-    for (int u = threadIdx.x; u < MT * per_row; u += blockDim.x) {
-      const int m = u / per_row;
-      const int64_t k = lo - 16 + 8 * int64_t(u - m * per_row);
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m < a.M && k >= lo && k < hi) v = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + k));
-      reinterpret_cast<uint4*>(xs)[u] = v;
+constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range of tile-units
+
+// The tensor-core path. A unit j of a row is its flat 64-block b0(row) + j, i.e. the k in
+// [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows g and g+8 of a 16-row tile and, in every
+// unit, the 16 k starting at kl = 64j − ψ + 16t: 8 packed bytes per row (one 8-byte load) and 16 x
+// values per token (two 16-byte loads). In mma step s (0..3) it feeds bytes 2s, 2s+1 of each row
+// piece (physical k = kl + 4s .. kl + 4s + 3) as logical k 2t, 2t+1, 2t+8, 2t+9 — x takes the same
+// mapping, so the sum over k is unchanged — and every step of a unit stays inside one 64-block of
+// every row of the tile, so the unit's fp32 partial sum is scaled by that block's absmax once.
+// MT token tiles of 8 (1: M ≤ 8, 2: M ≤ 16) share the A fragments. acc receives the fp32 sums of units
+// [j0, j1) for rows g, g+8 and tokens 2t, 2t+1 (+8 per token tile), as the mma's C fragment.
+template <int MT>
+__device__ __forceinline__ void tile_units(const SmallMArgs& a, const TileRows& tr, int j0, int j1,
+                                           const uint32_t* my_pair, const float* dyn, float (&acc)[MT][4]) {
+  const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+  const float zero4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.0f;
+  // 8 packed bytes of rows A and B for unit j (zeros where the lane's k-range leaves the row or the
+  // row is past N: such pieces meet x = 0 below, and rows past N are never stored).
+  auto fetch = [&](int j, uint2& pa, uint2& pb) {
+    pa = make_uint2(0u, 0u);
+    pb = make_uint2(0u, 0u);
+    if (j >= j1) return;
+    const int64_t kl = int64_t(64) * j - tr.psi + 16 * t;
+    if (kl < 0 || kl + 16 > a.K) return;
+    if (tr.okA) pa = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0A + j) + 8 * t));
+    if (tr.okB) pb = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0B + j) + 8 * t));
+  };
+  // Three units in flight while one computes: cur (j), nxt (j + 1), nn (j + 2), fetching j + 3.
+  uint2 curA, curB, nxtA, nxtB, nnA, nnB;
+  fetch(j0, curA, curB);
+  fetch(j0 + 1, nxtA, nxtB);
+  fetch(j0 + 2, nnA, nnB);
+  // Block scales four units at a time: lane t of a group holds unit j + t's (am4); the raw values of
+  // the next four units are loaded a group ahead (raw4), so no unit waits for them.
+  auto load_raw = [&](int jj, bool ok, int64_t b0) { return ok && jj < j1 ? load_scale(a.sc, b0 + jj) : RawScale{0u, 0.0f}; };
+  RawScale raw4A = load_raw(j0 + t, tr.okA, tr.b0A), raw4B = load_raw(j0 + t, tr.okB, tr.b0B);
+  float am4A = 0.0f, am4B = 0.0f;
+  for (int j = j0; j < j1; ++j) {
+    uint2 nnnA, nnnB;
+    fetch(j + 3, nnnA, nnnB);
+    if (((j - j0) & 3) == 0) {
+      am4A = finish_scale(a.sc, dyn, raw4A);
+      am4B = finish_scale(a.sc, dyn, raw4B);
+      raw4A = load_raw(j + 4 + t, tr.okA, tr.b0A);
+      raw4B = load_raw(j + 4 + t, tr.okB, tr.b0B);
     }
+    const int src = (lane & ~3) | ((j - j0) & 3);
+    const float amA = __shfl_sync(0xffffffffu, am4A, src);
+    const float amB = __shfl_sync(0xffffffffu, am4B, src);
+    const int64_t kl = int64_t(64) * j - tr.psi + 16 * t;
+    const bool kok = kl >= 0 && kl + 16 <= a.K;
+    uint32_t xw[MT][8];  // x[tok][kl .. kl+15] as bf16 pairs
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int tok = g + 8 * mt;
+      uint4 v0 = make_uint4(0u, 0u, 0u, 0u), v1 = v0;
+      if (kok && tok < a.M) {
+        const uint4* px = reinterpret_cast<const uint4*>(a.x + int64_t(tok) * a.K + kl);
+        v0 = __ldg(px);
+        v1 = __ldg(px + 1);
+      }
+      xw[mt][0] = v0.x, xw[mt][1] = v0.y, xw[mt][2] = v0.z, xw[mt][3] = v0.w;
+      xw[mt][4] = v1.x, xw[mt][5] = v1.y, xw[mt][6] = v1.z, xw[mt][7] = v1.w;
+    }
+    float c[MT][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t wa = s < 2 ? curA.x : curA.y, wb = s < 2 ? curB.x : curB.y;
+      const int sh = (s & 1) * 16;  // bytes 2s, 2s+1 of the piece
+      const uint32_t a0 = my_pair[((wa >> sh) & 0xFFu) << 5];
+      const uint32_t a2 = my_pair[((wa >> (sh + 8)) & 0xFFu) << 5];
+      const uint32_t a1 = my_pair[((wb >> sh) & 0xFFu) << 5];
+      const uint32_t a3 = my_pair[((wb >> (sh + 8)) & 0xFFu) << 5];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (s == 0) mma_16816(c[mt], a0, a1, a2, a3, xw[mt][0], xw[mt][1], zero4);  // a fresh sum per unit
+        else mma_16816(c[mt], a0, a1, a2, a3, xw[mt][2 * s], xw[mt][2 * s + 1], c[mt]);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] = fmaf(amA, c[mt][0], acc[mt][0]);
+      acc[mt][1] = fmaf(amA, c[mt][1], acc[mt][1]);
+      acc[mt][2] = fmaf(amB, c[mt][2], acc[mt][2]);
+      acc[mt][3] = fmaf(amB, c[mt][3], acc[mt][3]);
+    }
+    curA = nxtA, curB = nxtB, nxtA = nnA, nxtB = nnB, nnA = nnnA, nnB = nnnB;
+  }
+}
+
+// Stream-K over tile-units: warp w owns units [w·Q, (w+1)·Q) of the tiles·U tile-units in tile-major
+// order, so every warp has the same work. Each (warp, tile) segment stores its fp32 sums at segment
+// id w + tile (unique: a warp and a tile boundary each start a new segment); small_m_reduce_kernel
+// adds a tile's segments in warp order. partial: (segments, M, 16) with rows in tile order.
+template <int MT>
+__global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
+    small_m_kernel(SmallMArgs a, Tables tab) {
+  // pair[byte · 32 + lane] = bf16x2 {NF4[byte >> 4], NF4[byte & 15]}: replicated per lane so that a
+  // warp's 32 lookups of random bytes hit 32 different banks (32 KB).
+  static_assert(kSmallMWarps * 32 == 256, "one thread per byte value builds the table");
+  __shared__ uint32_t pair[256 * 32];
+  __shared__ uint32_t pair_of_byte[256];
+  __shared__ float dyn[256];
+  {
+    const int byte = int(threadIdx.x);
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
+    pair_of_byte[byte] = lo | (hi << 16);
+    dyn[byte] = tab.dyn[byte];
   }
   __syncthreads();
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) pair[e] = pair_of_byte[e >> 5];
+  __syncthreads();
 
-  const int lane = int(threadIdx.x & 31);
-  const int rot = (lane >> 1) & 3;
-  const int warps = kSmallMThreads / 32;
-  const uint4* chunks = reinterpret_cast<const uint4*>(a.packed);
-  for (int64_t g = int64_t(blockIdx.x) * warps + (threadIdx.x >> 5); g < a.groups; g += int64_t(gridDim.x) * warps) {
-    const int64_t base = (g / a.P) * (int64_t(a.P) * R) + g % a.P;  // rows base + P·i, i < R
-    const int psi = int((base * K) & 31);
-    int64_t c0[R];
-    bool ok[R];
+  const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+  const int64_t w = int64_t(blockIdx.x) * kSmallMWarps + (threadIdx.x >> 5);
+  const int64_t U = a.units_per_tile;
+  int64_t u = w * a.units_per_warp;
+  const int64_t u_end = u + a.units_per_warp < a.total_units ? u + a.units_per_warp : a.total_units;
+  while (u < u_end) {  // one segment per tile the warp's range touches (uniform across the warp)
+    const int64_t tile = u / U;
+    const int j_begin = int(u - tile * U);
+    const int j_end = int(u_end - tile * U < U ? u_end - tile * U : U);
+    const TileRows tr = tile_rows(a, tile, g);
+    float acc[MT][4];
+    tile_units<MT>(a, tr, j_begin, j_end < tr.units ? j_end : tr.units, pair + lane, dyn, acc);
+    float* seg = a.partial + (w + tile) * a.M * 16;
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t n = base + int64_t(a.P) * i;
-      ok[i] = n < a.N;
-      c0[i] = ok[i] ? (n * K) >> 5 : 0;
-    }
-    float acc[R][MT];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) acc[i][m] = 0.0f;
-    const int64_t j_hi = (hi + psi + 31) / 32;  // chunks j in [lo/32, j_hi) overlap the slice
-    for (int64_t j = lo / 32 + lane; j < j_hi; j += 32) {
-      uint4 w[R];
-      RawScale raw[R];
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int64_t c = c0[i] + j;
-        w[i] = make_uint4(0u, 0u, 0u, 0u);
-        raw[i] = RawScale{0u, 0.0f};
-        if (!ok[i]) continue;
-        if (16 * c + 16 <= a.packed_bytes) {
-          w[i] = __ldcs(chunks + c);
-        } else {  // the last chunk of the array: only its existing bytes (the rest meets zero x)
-          uint32_t wb[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-          for (int t = 0; t < 16; ++t)
-            if (16 * c + t < a.packed_bytes) wb[t >> 2] |= uint32_t(a.packed[16 * c + t]) << (8 * (t & 3));
-          w[i] = make_uint4(wb[0], wb[1], wb[2], wb[3]);
-        }
-        raw[i] = load_scale(a.sc, c >> 1);
+      for (int e = 0; e < 4; ++e) {
+        const int tok = 8 * mt + 2 * t + (e & 1);
+        if (tok < a.M) seg[tok * 16 + g + (e < 2 ? 0 : 8)] = acc[mt][e];
       }
-      float am[R];
-#pragma unroll
-      for (int i = 0; i < R; ++i) am[i] = finish_scale(a.sc, dyn, raw[i]);
-      const __nv_bfloat16* xj = xs + (32 * j - psi - lo + 16);  // x of k = 32j − ψ, token 0
-      float part[R][kFold ? 1 : MT];
-#pragma unroll
-      for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int m = 0; m < (kFold ? 1 : MT); ++m) part[i][m] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int qq = (q + rot) & 3;  // the quad (8 codes = one word of each row's chunk) of this step
-        float wf[R][8];
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const uint32_t word = qq == 0 ? w[i].x : qq == 1 ? w[i].y : qq == 2 ? w[i].z : w[i].w;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const uint32_t byte = (word >> (8 * (e >> 1))) & 0xFFu;
-            const float cv = code[(e & 1) ? (byte & 0xFu) : (byte >> 4)];
-            wf[i][e] = kFold ? cv * am[i] : cv;
-          }
-        }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const uint4 xv = *reinterpret_cast<const uint4*>(xj + m * L + 8 * qq);
-          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float xf = __uint_as_float((e & 1) ? (xw[e >> 1] & 0xFFFF0000u) : (xw[e >> 1] << 16));
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-              if constexpr (kFold) acc[i][m] = fmaf(xf, wf[i][e], acc[i][m]);
-              else part[i][m] = fmaf(xf, wf[i][e], part[i][m]);
-            }
-          }
-        }
-      }
-      if constexpr (!kFold) {
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-          for (int m = 0; m < MT; ++m) acc[i][m] = fmaf(am[i], part[i][m], acc[i][m]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        float v = acc[i][m];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        const int64_t n = base + int64_t(a.P) * i;
-        if (lane == (i * MT + m) % 32 && ok[i] && m < a.M) {
-          if (a.slices == 1) {
-            const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
-            a.y[int64_t(m) * a.N + n] = __float2bfloat16_rn(v + b);
-          } else {
-            a.partial[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
-          }
-        }
-      }
+    u += j_end - j_begin;
   }
 }
 
-// y[m][n] = bf16(Σ_s partial[s][m][n] in slice order + bias[n]): one thread per output.
+// y[tok][n] = bf16(Σ of the tile's segments in warp order + bias[n]): one thread per (tile row, tok).
 template <class = void>
 __global__ void small_m_reduce_kernel(SmallMArgs a) {
-  const int64_t total = int64_t(a.M) * a.N;
+  const int64_t total = a.tiles * 16 * a.M;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t tile = idx / (16 * a.M);
+    const int rem = int(idx - tile * 16 * a.M), tok = rem / 16, i = rem % 16;
+    const TileRows tr = tile_rows(a, tile, i % 8);
+    const bool ok = i < 8 ? tr.okA : tr.okB;
+    if (!ok) continue;
+    const int64_t n = i < 8 ? tr.nA : tr.nB;
+    const int64_t w0 = tile * a.units_per_tile / a.units_per_warp;
+    const int64_t w1 = ((tile + 1) * a.units_per_tile - 1) / a.units_per_warp;
     float s = 0.0f;
-    for (int sl = 0; sl < a.slices; ++sl) s += a.partial[int64_t(sl) * total + idx];
-    if (a.bias) s += __bfloat162float(a.bias[idx % a.N]);
-    a.y[idx] = __float2bfloat16_rn(s);
+    for (int64_t w = w0; w <= w1; ++w) s += a.partial[((w + tile) * a.M + tok) * 16 + i];
+    if (a.bias) s += __bfloat162float(a.bias[n]);
+    a.y[int64_t(tok) * a.N + n] = __float2bfloat16_rn(s);
   }
 }
+
 // The general path (any K, any alignment): one warp per output row, each element dequantized
 // exactly as nf4_dequantize does (then rounded to bf16, as the NF4Linear scratch holds it), fp32
 // accumulation per lane, a fixed shuffle tree across lanes.
@@ -656,87 +694,60 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   check_launch();
 }
 
-// How one small-M product runs: the fast row-group kernel (K split into slices when x does not fit
-// in shared memory) or the general warp-per-row kernel.
+// How one small-M product runs: the tensor-core kernel's stream-K decomposition (fast), or the
+// general warp-per-row kernel.
 struct SmallMPlan {
-  bool fast = false;  // K % 16 == 0, 16-byte aligned codes and x
-  int MT = 1;         // M rounded up to 1, 2, 4, 8 or 16 (the kernel's token count)
+  bool fast = false;  // K % 16 == 0 and 8-byte aligned codes, 16-byte aligned x
   int P = 1;
-  int64_t groups = 0, slice = 0;
-  int slices = 1;
-  unsigned ctas_x = 1;  // CTAs per slice (fast) or in all (general)
-  int64_t smem = 0;     // dynamic shared memory per CTA (fast)
-  // Per-slice sums when K is split: (slices, M, N) floats.
-  int64_t N = 0;
-  int64_t workspace_floats(int64_t M) const { return fast && slices > 1 ? int64_t(slices) * M * N : 0; }
+  int64_t tiles_per_class = 0, tiles = 0, units_per_tile = 0, units_per_warp = 0, total_units = 0, warps = 0;
+  unsigned ctas = 1;
+  // Partial sums of the fast path: one (M, 16) slab per segment id w + tile.
+  int64_t workspace_floats(int64_t M) const { return fast ? (warps + tiles) * M * 16 : 0; }
 };
 
-// x bytes a CTA stages: 4 CTAs per SM fit at M = 1 (32 KB of x covers K = 16384), 2 at M > 1.
-inline int64_t small_m_x_budget(int MT) { return MT == 1 ? 44 * 1024 : 96 * 1024; }
-
-inline SmallMPlan plan_small_m(int64_t M, int64_t N, int64_t K, const void* packed, const void* x, int device) {
-  TQ_CHECK(M >= 1 && M <= 16, "nf4 linear: M = ", M, " rows (1 ≤ M ≤ 16)");
+inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const void* x, int device) {
   SmallMPlan p;
-  p.N = N;
-  p.fast = K > 0 && K % 16 == 0 && aligned_to(packed, 16) && aligned_to(x, 16);
+  p.fast = K > 0 && K % 16 == 0 && aligned_to(packed, 8) && aligned_to(x, 16);
   if (!p.fast) {
-    p.ctas_x = grid_for((N + kThreads / 32 - 1) / (kThreads / 32), 1, device);
+    p.ctas = grid_for((N + kThreads / 32 - 1) / (kThreads / 32), 1, device);
     return p;
   }
-  p.MT = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
-  p.P = K % 32 == 0 ? 1 : 2;
-  const int R = small_m_rows(p.MT);
-  p.groups = p.P * ((N + p.P * R - 1) / (p.P * R));
-  const int64_t max_slice = (small_m_x_budget(p.MT) / (2 * p.MT) - 32) / 32 * 32;
-  p.slices = int((K + max_slice - 1) / max_slice);
-  p.slice = ((K + p.slices - 1) / p.slices + 31) / 32 * 32;
-  p.smem = small_m_smem_bytes(p.MT, p.slice);
-  // Every resident CTA (4 per SM at M = 1, else 2) gets work; each stages its x slice once.
-  const int64_t resident = int64_t(sm_count(device)) * (p.MT == 1 ? 4 : 2);
-  const int64_t need = (p.groups + kSmallMThreads / 32 - 1) / (kSmallMThreads / 32);
-  p.ctas_x = unsigned(std::clamp<int64_t>((resident + p.slices - 1) / p.slices, 1, need));
+  p.P = int(64 / std::gcd(K, int64_t(64)));
+  p.tiles_per_class = ((N + p.P - 1) / p.P + 15) / 16;
+  p.tiles = p.P * p.tiles_per_class;
+  for (int r = 0; r < p.P; ++r) p.units_per_tile = std::max(p.units_per_tile, ((int64_t(r) * K) % 64 + K + 63) / 64);
+  p.total_units = p.tiles * p.units_per_tile;
+  // Every resident warp (3 CTAs of 8 warps per SM) gets the same number of units, at least 2.
+  const int64_t resident = int64_t(sm_count(device)) * 3 * kSmallMWarps;
+  const int64_t warps = std::clamp<int64_t>((p.total_units + 1) / 2, 1, resident);
+  p.units_per_warp = (p.total_units + warps - 1) / warps;
+  p.warps = (p.total_units + p.units_per_warp - 1) / p.units_per_warp;
+  p.ctas = unsigned((p.warps + kSmallMWarps - 1) / kSmallMWarps);
+  TQ_CHECK(p.units_per_tile <= INT32_MAX, "nf4 linear: K = ", K, " is too large");
   return p;
-}
-
-template <int MT, bool kFold>
-inline void launch_small_m_fast(const SmallMArgs& a, const SmallMPlan& p, int device, cudaStream_t st) {
-  // Above 48 KB of dynamic shared memory a kernel must opt in, once per device.
-  static bool opted[64] = {};
-  if (device < 0 || device >= 64 || !opted[device]) {
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(small_m_kernel<MT, kFold>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(small_m_smem_bytes(MT, 0) + small_m_x_budget(MT))));
-    if (device >= 0 && device < 64) opted[device] = true;
-  }
-  small_m_kernel<MT, kFold><<<dim3(p.ctas_x, unsigned(p.slices)), kSmallMThreads, size_t(p.smem), st>>>(a, tables());
 }
 
 // Runs a planned product on prepared arguments: a.y (M, N) is written; a.partial must hold
 // plan.workspace_floats(M) floats. The launcher the benchmarks time with their own buffers.
 inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
+  const Tables& tab = tables();
   if (!p.fast) {
-    small_m_generic_kernel<><<<p.ctas_x, kThreads, 0, st>>>(a, rnd, tables());
+    small_m_generic_kernel<><<<p.ctas, kThreads, 0, st>>>(a, rnd, tab);
     check_launch();
     return;
   }
-  TQ_CHECK(p.MT >= a.M && a.M >= 1, "nf4 linear: the plan is for ", p.MT, " rows, not ", a.M);
-  TQ_CHECK(p.slices == 1 || a.partial != nullptr, "nf4 linear: the partial-sum workspace is missing");
-  a.packed_bytes = (a.N * a.K + 1) / 2;
+  TQ_CHECK(a.partial != nullptr, "nf4 linear: the partial-sum workspace is missing");
   a.P = p.P;
-  a.groups = p.groups;
-  a.slice = p.slice;
-  a.slices = p.slices;
-  switch (p.MT) {
-    case 1: launch_small_m_fast<1, false>(a, p, device, st); break;
-    case 2: launch_small_m_fast<2, true>(a, p, device, st); break;
-    case 4: launch_small_m_fast<4, true>(a, p, device, st); break;
-    case 8: launch_small_m_fast<8, true>(a, p, device, st); break;
-    default: launch_small_m_fast<16, true>(a, p, device, st); break;
-  }
+  a.tiles_per_class = p.tiles_per_class;
+  a.tiles = p.tiles;
+  a.units_per_tile = p.units_per_tile;
+  a.units_per_warp = p.units_per_warp;
+  a.total_units = p.total_units;
+  if (a.M <= 8) small_m_kernel<1><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
+  else small_m_kernel<2><<<p.ctas, kSmallMWarps * 32, 0, st>>>(a, tab);
   check_launch();
-  if (p.slices > 1) {
-    small_m_reduce_kernel<><<<grid_for(int64_t(a.M) * a.N, kThreads, device), kThreads, 0, st>>>(a);
-    check_launch();
-  }
+  small_m_reduce_kernel<><<<grid_for(p.tiles * 16 * a.M, kThreads, device), kThreads, 0, st>>>(a);
+  check_launch();
 }
 
 inline Tensor linear_small_m(const Tensor& x_in, const NF4Tensor& q, const Tensor& bias_in) {
@@ -771,7 +782,7 @@ inline Tensor linear_small_m(const Tensor& x_in, const NF4Tensor& q, const Tenso
   a.M = M;
   a.N = N;
   a.K = K;
-  const SmallMPlan p = plan_small_m(M, N, K, a.packed, a.x, dev.index);
+  const SmallMPlan p = plan_small_m(N, K, a.packed, a.x, dev.index);
   Tensor partial;
   if (p.workspace_floats(M) > 0) {
     partial = Tensor::empty({p.workspace_floats(M)}, DType::f32, dev);
