@@ -18,6 +18,7 @@
 #include <tq/tq.hpp>
 
 #include "kernels/device.cuh"
+#include "bench/bench_cuda_util.cuh"
 
 namespace {
 
@@ -80,28 +81,7 @@ double time_graph(const std::function<void()>& call, bool capture = true) {
       v.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kReps);
     }
   } else {
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
-    for (int r = 0; r < kReps; ++r) call();
-    TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-    TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t e0, e1;
-    TQ_CUDA_CHECK(cudaEventCreate(&e0));
-    TQ_CUDA_CHECK(cudaEventCreate(&e1));
-    for (int it = 0; it < 9; ++it) {
-      TQ_CUDA_CHECK(cudaEventRecord(e0, stream.get()));
-      TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
-      TQ_CUDA_CHECK(cudaEventRecord(e1, stream.get()));
-      TQ_CUDA_CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      TQ_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      v.push_back(double(ms) * 1e-3 / kReps);
-    }
-    TQ_CUDA_CHECK(cudaEventDestroy(e0));
-    TQ_CUDA_CHECK(cudaEventDestroy(e1));
-    TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    TQ_CUDA_CHECK(cudaGraphDestroy(graph));
+    return tq::bench::graph_seconds_per_call(stream, kReps, [&](int) { call(); });
   }
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];

@@ -13,8 +13,9 @@
 //   per 256-chunk, then the chunk sums in order, nf4::absmax_mean) and rounded once, so it equals
 //   the CPU's bits. It is read back to the host once per quantized weight (NF4Tensor::offset is a
 //   host float); quantization is a load-time op, everything else here never synchronizes.
-// - Dequantize never materializes the per-block absmax: each thread decodes its 64-block's scale
-//   (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes 64 outputs with 16-byte stores.
+// - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
+//   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
+//   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
 // - The fused product never materializes W. Tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
 //   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
 //   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
@@ -249,33 +250,21 @@ __global__ void __launch_bounds__(256) quantize_nested_kernel(const float* __res
 
 // ---- dequantize ----
 
-template <class Out>
-__device__ __forceinline__ void store8(Out* dst, const float (&v)[8]) {
-  if constexpr (sizeof(Out) == 2) {
-    Vec<Out, 8> o;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o.v[e] = float_to<Out>(v[e]);
-    *reinterpret_cast<Vec<Out, 8>*>(dst) = o;
-  } else {
-    static_assert(sizeof(Out) == 4, "f32 output");
-    Vec<Out, 4> o0, o1;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      o0.v[e] = v[e];
-      o1.v[e] = v[4 + e];
-    }
-    reinterpret_cast<Vec<Out, 4>*>(dst)[0] = o0;
-    reinterpret_cast<Vec<Out, 4>*>(dst)[1] = o1;
-  }
-}
-
-// out (n) = dequantized weight. vec: packed and out are 16-byte aligned, so every full 64-block is
-// two 16-byte loads and 16-byte stores; the remaining elements (and everything when !vec) go one by
-// one. Grid-stride over blocks, then over the tail. kRound: the QuantState dtype's rounding.
+// out (n) = dequantized weight, coalesced: one 16-byte output store per thread and round (E
+// elements: 8 for bf16/f16, 4 for f32), so a warp's store covers 512 contiguous bytes and its code
+// load (4 bytes, resp. 2) 128 (64) contiguous bytes. A thread runs U rounds per loop trip, all loads
+// first (U code words and U scale sources in flight), then decodes and stores. The block scale is
+// decoded per round (A.7, no FMA); the 16 code values and DYN sit in shared memory (a lookup of
+// code[q] by 32 lanes touches at most 16 distinct words in 16 distinct banks: no conflicts).
+// vec: packed 4-byte and out 16-byte aligned; the n % E last elements (all of them when !vec) go
+// one by one.
 template <class Out, Round kRound>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ out, const uint8_t* __restrict__ packed,
                                                               Scales sc, int64_t n, bool vec, Tables tab) {
-  constexpr Round rnd = kRound;
+  constexpr int E = 16 / int(sizeof(Out));  // elements per 16-byte store
+  static_assert(E == 8 || E == 4, "2- or 4-byte outputs");
+  using Codes = std::conditional_t<E == 8, uint32_t, unsigned short>;  // the E codes of one store
+  constexpr int U = 8;  // rounds per trip: U code loads in flight per thread
   __shared__ float code[16];
   __shared__ float dyn[256];
   for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
@@ -283,29 +272,39 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ 
   __syncthreads();
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t full = vec ? n / 64 : 0;
-  for (int64_t b = tid; b < full; b += stride) {
-    const uint4* src = reinterpret_cast<const uint4*>(packed + 32 * b);
-    const uint4 p0 = __ldcs(src), p1 = __ldcs(src + 1);
-    const uint32_t words[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-    const float am = block_scale(sc, dyn, b);
-    Out* dst = out + 64 * b;
+  const int64_t chunks = vec ? n / E : 0;  // 16-byte output chunks; chunk c = elements [E·c, E·c + E)
+  const Codes* codes = reinterpret_cast<const Codes*>(packed);  // chunk c's codes: bytes [E·c/2, E·c/2 + E/2)
+  for (int64_t c0 = tid; c0 < chunks; c0 += U * stride) {
+    uint32_t bits[U];
+    RawScale raw[U];
 #pragma unroll
-    for (int wi = 0; wi < 8; ++wi) {
-      float v[8];
-#pragma unroll
-      for (int by = 0; by < 4; ++by) {  // byte `by` of the word: elements 2·by (high nibble), 2·by + 1
-        const uint32_t byte = (words[wi] >> (8 * by)) & 0xFFu;
-        v[2 * by] = dequant_value(code, byte >> 4, am, rnd);
-        v[2 * by + 1] = dequant_value(code, byte & 0xFu, am, rnd);
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + u * stride;
+      bits[u] = 0u;
+      raw[u] = RawScale{0u, 0.0f};
+      if (c < chunks) {
+        bits[u] = __ldcs(codes + c);
+        raw[u] = load_scale(sc, (c * E) >> 6);  // E divides 64: a chunk lies in one 64-block
       }
-      store8<Out>(dst + 8 * wi, v);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + u * stride;
+      if (c >= chunks) break;
+      const float am = finish_scale(sc, dyn, raw[u]);
+      Vec<Out, E> o;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {  // element e: byte e/2 of the little-endian word, high nibble first
+        const uint32_t byte = (bits[u] >> (8 * (e >> 1))) & 0xFFu;
+        o.v[e] = float_to<Out>(dequant_value(code, (e & 1) ? (byte & 0xFu) : (byte >> 4), am, kRound));
+      }
+      reinterpret_cast<Vec<Out, E>*>(out)[c] = o;
     }
   }
-  for (int64_t i = full * 64 + tid; i < n; i += stride) {
+  for (int64_t i = chunks * E + tid; i < n; i += stride) {
     const uint32_t byte = packed[i >> 1];
     const uint32_t qc = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-    out[i] = float_to<Out>(dequant_value(code, qc, block_scale(sc, dyn, i >> 6), rnd));
+    out[i] = float_to<Out>(dequant_value(code, qc, block_scale(sc, dyn, i >> 6), kRound));
   }
 }
 
@@ -667,8 +666,10 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   const Scales sc = scales_of(q, keep);
   Tensor packed = q.packed.contiguous();
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
-  const bool vec = aligned_to(pp, 16) && aligned_to(out.data_ptr(), 16);
-  const int64_t work = vec ? std::max<int64_t>(n / 64, n % 64) : n;
+  const bool vec = aligned_to(pp, 4) && aligned_to(out.data_ptr(), 16);
+  const int64_t per_store = 16 / int64_t(dtype_size(out.dtype()));
+  // A thread does 8 stores per trip; enough CTAs to fill every SM (8 × 256 threads) once.
+  const int64_t work = vec ? std::max<int64_t>((n / per_store + 7) / 8, n % per_store) : n;
   const unsigned blocks = grid_for(work, kThreads, dev.index);
   cudaStream_t st = current_stream();
   const Tables& tab = tables();

@@ -17,6 +17,10 @@
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "kernels/ops_common.cuh"
 #include "tq/ops/norm.hpp"
 
@@ -39,6 +43,7 @@ struct Params {
   bool center = false;
   const W* w = nullptr;  // (D) or null (no scale)
   const W* b = nullptr;  // (D) or null (no shift)
+  bool affine_vec = false;  // w and b (those present) are 16-byte aligned
 };
 
 template <class C>
@@ -67,31 +72,73 @@ __device__ __forceinline__ RowStats<C> finish_stats(C sum_sq, const P& p, C mean
   return {mean, C(1) / std::sqrt(var + p.eps)};
 }
 
-// Row statistics of a row held in registers: buf[k] is vector threadIdx.x + k·blockDim.x.
-template <class T, int MAXV, class C, class P>
-__device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, const P& p,
-                                                    C* red) {
+// Row statistics of a row held in registers: buf[k] is vector first + k·step of the row, and
+// reduce(v) sums v over the threads sharing the row (the block, or one warp).
+template <class T, int MAXV, class C, class P, class Reduce>
+__device__ __forceinline__ RowStats<C> held_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, int first,
+                                                  int step, const P& p, Reduce&& reduce) {
   constexpr int V = kVecWidth<T>;
   C mean = 0;
   if (p.center) {
     C s = 0;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k)
-      if (int(threadIdx.x) + k * int(blockDim.x) < nvec)
+      if (first + k * step < nvec)
 #pragma unroll
         for (int e = 0; e < V; ++e) s += convert<C>(buf[k].v[e]);
-    mean = block_sum(s, red) / C(p.D);
+    mean = reduce(s) / C(p.D);
   }
   C ss = 0;
 #pragma unroll
   for (int k = 0; k < MAXV; ++k)
-    if (int(threadIdx.x) + k * int(blockDim.x) < nvec)
+    if (first + k * step < nvec)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const C d = convert<C>(buf[k].v[e]) - mean;
         ss += d * d;
       }
-  return finish_stats(block_sum(ss, red), p, mean);
+  return finish_stats(reduce(ss), p, mean);
+}
+
+// The same for the block-per-row kernels: buf[k] is vector threadIdx.x + k·blockDim.x.
+template <class T, int MAXV, class C, class P>
+__device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, const P& p,
+                                                    C* red) {
+  return held_stats<T, MAXV, C>(buf, nvec, int(threadIdx.x), int(blockDim.x), p,
+                                [red](C v) { return block_sum(v, red); });
+}
+
+// out[e] = src[j0 + e], e < V, converted to C: 16-byte loads when `vec` (src 16-byte aligned;
+// j0 is a multiple of V, and V elements of W are whole 16-byte vectors).
+template <class C, class W, int V>
+__device__ __forceinline__ void load_affine(const W* __restrict__ src, int j0, bool vec, C (&out)[V]) {
+  constexpr int WV = kVecWidth<W>;
+  if constexpr (V % WV == 0) {
+    if (vec) {
+#pragma unroll
+      for (int u = 0; u < V / WV; ++u) {
+        const Vec<W, WV> w = *reinterpret_cast<const Vec<W, WV>*>(src + j0 + u * WV);
+#pragma unroll
+        for (int f = 0; f < WV; ++f) out[u * WV + f] = convert<C>(w.v[f]);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) out[e] = convert<C>(src[j0 + e]);
+}
+
+// s[e] = offset + w[j0 + e] (1 without weight): the scales of V consecutive columns.
+template <class C, class W, int V>
+__device__ __forceinline__ void load_scales(const Params<C, W>& p, int j0, C (&s)[V]) {
+  if (!p.w) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) s[e] = C(1);
+    return;
+  }
+  load_affine<C, W, V>(p.w, j0, p.affine_vec, s);
+#pragma unroll
+  for (int e = 0; e < V; ++e) s[e] = add_rn(p.offset, s[e]);
 }
 
 // Statistics of row xr (D elements, any alignment) read from global memory.
@@ -295,23 +342,190 @@ __global__ void __launch_bounds__(256) backward_generic_kernel(T* __restrict__ d
   }
 }
 
-// out (D) = Σ over the nparts rows of part (nparts, D), per column: 16 strided groups of rows
-// summed in double, then the groups in order, rounded once from double to O (as the CPU's
-// double column sums .to(weight dtype)). Block (32, 16) covers 32 columns.
+// ---- one warp per row ----
+//
+// Rows of up to 32·kWarpMaxVectors 16-byte vectors (Gemma's 2048 and SigLIP's 1152 in bf16): a
+// warp owns a row, held in registers (lane l holds vectors l, l + 32, ...), reduced with shuffles
+// only; kWarpThreads / 32 warps per block take consecutive rows. No block barrier stalls a row,
+// and each warp has its whole row's loads in flight at once.
+
+inline constexpr int kWarpThreads = 128;
+inline constexpr int kWarpMaxVectors = 8;
+// f64 (a reference dtype) keeps the block kernels: no warp-kernel instances for it.
+template <class T>
+inline constexpr bool kWarpRows = !std::is_same_v<T, double>;
+
+// y (rows, D) = norm(x (rows, D)).
+template <class T, class W, int MAXV>
+__global__ void __launch_bounds__(kWarpThreads) forward_warp_kernel(T* __restrict__ y, const T* __restrict__ x,
+                                                                    Params<compute_t<T>, W> p) {
+  using C = compute_t<T>;
+  constexpr int V = kVecWidth<T>;
+  using VT = Vec<T, V>;
+  static_assert(MAXV <= kWarpMaxVectors, "a lane holds at most kWarpMaxVectors vectors");
+  const int lane = threadIdx.x & 31, nvec = p.D / V;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < p.rows; r += warps) {
+    const VT* xr = reinterpret_cast<const VT*>(x + r * p.D);  // (D / V) vectors
+    VT buf[MAXV];
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k)
+      if (lane + 32 * k < nvec) buf[k] = xr[lane + 32 * k];
+    const RowStats<C> st = held_stats<T, MAXV, C>(buf, nvec, lane, 32, p, [](C v) { return warp_sum(v); });
+    VT* yr = reinterpret_cast<VT*>(y + r * p.D);
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int vi = lane + 32 * k;
+      if (vi >= nvec) continue;
+      C s[V], b[V];
+      load_scales<C, W, V>(p, vi * V, s);
+      if (p.b) load_affine<C, W, V>(p.b, vi * V, p.affine_vec, b);
+      VT o;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const C v = mul_rn(normalized(convert<C>(buf[k].v[e]), st), s[e]);
+        o.v[e] = convert<T>(p.b ? add_rn(v, b[e]) : v);
+      }
+      yr[vi] = o;
+    }
+  }
+}
+
+// Shared-memory floats of one warp's column accumulators for one of dw / db: lane l's slot
+// (k, e) of vector l + 32k, element e, at ((k·V/4 + e/4)·32 + l)·4 + e%4 (16-byte accesses by
+// consecutive lanes: conflict-free).
+template <int MAXV, int V>
+inline constexpr int kWarpAccFloats = MAXV * V * 32;
+
+__host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) {
+  return ((k * (V / 4) + e / 4) * 32 + lane) * 4 + e % 4;
+}
+
+// dx (rows, D); part_w / part_b (gridDim.x, D): the column sums of g·x̂ and g over the block's
+// rows (or null). Each lane accumulates its own columns over its warp's rows in fp32 in shared
+// memory (registers hold the row: at 64 more registers per lane occupancy would halve); at the
+// end the block's warps are folded per column in warp order (deterministic) into one partial row
+// per block. The scales offset + w are staged once per block in shared memory. Dynamic shared
+// memory: (kWarpThreads / 32, 1 + kBias, kWarpAccFloats) accumulators, then (D) scales, floats.
+template <class T, class W, int MAXV, bool kBias>
+__global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restrict__ dx, float* __restrict__ part_w,
+                                                                     float* __restrict__ part_b,
+                                                                     const T* __restrict__ g, const T* __restrict__ x,
+                                                                     Params<float, W> p) {
+  using C = float;
+  constexpr int V = kVecWidth<T>;
+  using VT = Vec<T, V>;
+  using C4 = Vec<C, 4>;
+  static_assert(std::is_same_v<compute_t<T>, float> && V % 4 == 0, "the warp kernels run f32/bf16/f16");
+  static_assert(MAXV <= kWarpMaxVectors, "a lane holds at most kWarpMaxVectors vectors");
+  constexpr int kAcc = kWarpAccFloats<MAXV, V>, kKinds = kBias ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, nvec = p.D / V;
+  C* acc = reinterpret_cast<C*>(smem_bytes);   // (nwarps, kKinds, kAcc)
+  C* scale = acc + nwarps * kKinds * kAcc;      // (D) offset + w
+  C* my_w = acc + warp * kKinds * kAcc;         // this warp's dw accumulators (kAcc)
+  C* my_b = my_w + kAcc;                        // its db accumulators (kAcc, kBias only)
+  for (int j = threadIdx.x; j < p.D; j += blockDim.x) scale[j] = p.w ? add_rn(p.offset, convert<C>(p.w[j])) : C(1);
+  for (int i = lane * 4; i < kKinds * kAcc; i += 128) *reinterpret_cast<C4*>(my_w + i) = C4{};
+  __syncthreads();
+  for (int64_t r = int64_t(blockIdx.x) * nwarps + warp; r < p.rows; r += int64_t(gridDim.x) * nwarps) {
+    const VT* xr = reinterpret_cast<const VT*>(x + r * p.D);  // (D / V) vectors
+    const VT* gr = reinterpret_cast<const VT*>(g + r * p.D);  // (D / V) vectors
+    VT xb[MAXV], gb[MAXV];
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k)
+      if (lane + 32 * k < nvec) {
+        xb[k] = xr[lane + 32 * k];
+        gb[k] = gr[lane + 32 * k];
+      }
+    const RowStats<C> st = held_stats<T, MAXV, C>(xb, nvec, lane, 32, p, [](C v) { return warp_sum(v); });
+    C sum_g = 0, sum_gx = 0;
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int vi = lane + 32 * k;
+      if (vi >= nvec) continue;
+      C s[V];
+      load_affine<C, C, V>(scale, vi * V, true, s);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const C gh = mul_rn(convert<C>(gb[k].v[e]), s[e]);
+        sum_g += gh;
+        sum_gx += gh * normalized(convert<C>(xb[k].v[e]), st);
+      }
+    }
+    sum_g = warp_sum(sum_g);
+    sum_gx = warp_sum(sum_gx);
+    __syncwarp();  // a memory barrier to the compiler: the scales are loaded again, not held
+    const C mg = p.center ? sum_g / C(p.D) : C(0), mgx = sum_gx / C(p.D);
+    VT* dr = reinterpret_cast<VT*>(dx + r * p.D);
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int vi = lane + 32 * k;
+      if (vi >= nvec) continue;
+      C s[V];
+      load_affine<C, C, V>(scale, vi * V, true, s);
+      VT o;
+#pragma unroll
+      for (int e4 = 0; e4 < V; e4 += 4) {
+        C4& aw = *reinterpret_cast<C4*>(my_w + warp_acc_index(k, e4, lane, V));
+        C4 w4 = aw, b4;
+        if constexpr (kBias) b4 = *reinterpret_cast<C4*>(my_b + warp_acc_index(k, e4, lane, V));
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          const int e = e4 + f;
+          const C gv = convert<C>(gb[k].v[e]);
+          const C xh = normalized(convert<C>(xb[k].v[e]), st);
+          o.v[e] = convert<T>(mul_rn(st.rstd, sub_rn(sub_rn(mul_rn(gv, s[e]), mg), mul_rn(xh, mgx))));
+          w4.v[f] += gv * xh;
+          if constexpr (kBias) b4.v[f] += gv;
+        }
+        aw = w4;
+        if constexpr (kBias) *reinterpret_cast<C4*>(my_b + warp_acc_index(k, e4, lane, V)) = b4;
+      }
+      dr[vi] = o;
+    }
+  }
+  __syncthreads();
+  // Column j of warp w's accumulators: vector vi = j / V = lane + 32k, element e = j % V.
+  for (int j = threadIdx.x; j < p.D; j += blockDim.x) {
+    const int vi = j / V, at = warp_acc_index(vi / 32, j % V, vi % 32, V);
+    C sw = 0, sb = 0;
+    for (int w = 0; w < nwarps; ++w) {
+      sw += acc[w * kKinds * kAcc + at];
+      if constexpr (kBias) sb += acc[w * kKinds * kAcc + kAcc + at];
+    }
+    if (part_w) part_w[int64_t(blockIdx.x) * p.D + j] = sw;
+    if constexpr (kBias) part_b[int64_t(blockIdx.x) * p.D + j] = sb;
+  }
+}
+
+// Dynamic shared memory of backward_warp_kernel.
+template <class T, int MAXV, bool kBias>
+size_t backward_warp_smem(int64_t D) {
+  return (size_t(kWarpThreads / 32) * (kBias ? 2 : 1) * kWarpAccFloats<MAXV, kVecWidth<T>> + size_t(D)) * sizeof(float);
+}
+
+// out{y} (D) = Σ over the nparts rows of part[y] (part: (gridDim.y ≤ 2, nparts, D)), per column:
+// 32 strided groups of rows summed in double, then the groups in order, rounded once from double
+// to O (as the CPU's double column sums .to(weight dtype)). Block (32, 32) covers 32 columns; the
+// partials were just written, so these reads come from L2.
 template <class C, class O>
-__global__ void column_sum_kernel(O* __restrict__ out, const C* __restrict__ part, int64_t nparts, int64_t D) {
-  __shared__ double tile[16][33];
+__global__ void __launch_bounds__(1024) column_sum_kernel(O* __restrict__ out0, O* __restrict__ out1,
+                                                          const C* __restrict__ part, int64_t nparts, int64_t D) {
+  __shared__ double tile[32][33];
+  const C* src = part + int64_t(blockIdx.y) * nparts * D;  // (nparts, D)
+  O* out = blockIdx.y == 0 ? out0 : out1;                   // (D)
   const int64_t j = int64_t(blockIdx.x) * 32 + threadIdx.x;
   double acc = 0;
   if (j < D) {
-#pragma unroll 4
-    for (int64_t b = threadIdx.y; b < nparts; b += 16) acc += double(part[b * D + j]);
+#pragma unroll 8
+    for (int64_t b = threadIdx.y; b < nparts; b += 32) acc += double(src[b * D + j]);
   }
   tile[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < D) {
     double s = 0;
-    for (int k = 0; k < 16; ++k) s += tile[k][threadIdx.x];
+    for (int k = 0; k < 32; ++k) s += tile[k][threadIdx.x];
     out[j] = double_to<O>(s);
   }
 }
@@ -372,6 +586,7 @@ Params<C, W> make_params(int64_t rows, int64_t D, double eps, bool center, doubl
   p.center = center;
   p.w = w.defined() ? data_as<const W>(w) : nullptr;
   p.b = b.defined() ? data_as<const W>(b) : nullptr;
+  p.affine_vec = (!p.w || aligned_to(p.w, 16)) && (!p.b || aligned_to(p.b, 16));
   return p;
 }
 
@@ -389,22 +604,78 @@ void with_affine_type(DType wdt, F&& fn) {
   else fn(compute_t<T>{});
 }
 
-// Σ over the partial rows (nparts, D) of the compute dtype, per column, in `out_dtype`.
-inline Tensor column_sums(const Tensor& part, int64_t nparts, int64_t D, DType out_dtype) {
-  Tensor out = Tensor::empty({D}, out_dtype, part.device());
-  const dim3 block(32, 16);
+// Σ over the partial rows, per column, of each (nparts, D) slice k of part (kinds, nparts, D) in
+// the compute dtype, as a (D) tensor of out_dtypes[k]. One launch when the dtypes agree.
+inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64_t D, const std::vector<DType>& out_dtypes) {
+  const int kinds = int(out_dtypes.size());
+  std::vector<Tensor> out;
+  for (DType dt : out_dtypes) out.push_back(Tensor::empty({D}, dt, part.device()));
+  const dim3 block(32, 32);
   const unsigned blocks = unsigned((D + 31) / 32);
   auto launch = [&](auto ctag) {
     using C = decltype(ctag);
-    dispatch_float(out_dtype, "norm backward", [&](auto otag) {
-      using O = decltype(otag);
-      column_sum_kernel<C, O><<<blocks, block, 0, current_stream()>>>(data_as<O>(out), data_as<const C>(part), nparts, D);
-    });
+    const C* base = data_as<const C>(part);
+    const bool together = kinds == 2 && out_dtypes[0] == out_dtypes[1];
+    for (int k = 0; k < kinds; k += together ? 2 : 1) {
+      dispatch_float(out_dtypes[size_t(k)], "norm backward", [&](auto otag) {
+        using O = decltype(otag);
+        O* o1 = together ? data_as<O>(out[1]) : nullptr;
+        column_sum_kernel<C, O><<<dim3(blocks, together ? 2u : 1u), block, 0, current_stream()>>>(
+            data_as<O>(out[size_t(k)]), o1, base + int64_t(k) * nparts * D, nparts, D);
+      });
+      check_launch();
+    }
   };
   if (part.dtype() == DType::f64) launch(double{});
   else launch(float{});
-  check_launch();
   return out;
+}
+
+// The warp-per-row kernels' vectors per lane for a row of nvec 16-byte vectors of T (0: the row
+// does not fit, or T is double, whose rows take the block kernels). Few instances: 3 → 4, 6..7 → 8.
+template <class T>
+int warp_vectors(int64_t D, std::initializer_list<const void*> ptrs) {
+  constexpr int V = kVecWidth<T>;
+  if (!kWarpRows<T>) return 0;
+  bool aligned = D % V == 0;
+  for (const void* q : ptrs) aligned = aligned && aligned_to(q, 16);
+  const int64_t per_lane = (D / V + 31) / 32;
+  if (!aligned || per_lane > kWarpMaxVectors) return 0;
+  for (int m : {1, 2, 4, 5, 8})
+    if (per_lane <= m) return m;
+  return 0;
+}
+
+// Runs launch(std::integral_constant<int, MAXV>) for a warp_vectors() result.
+template <class F>
+void with_warp_vectors(int maxv, F&& launch) {
+  switch (maxv) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 5: launch(std::integral_constant<int, 5>{}); break;
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    default: fail(str_cat("norm: internal error: no warp kernel for ", maxv, " vectors per lane"));
+  }
+}
+
+// Resident blocks per SM of a kernel at `threads` threads and `smem` dynamic shared memory, queried
+// once per (kernel, threads, smem, device) (SM resources do not change); a kernel is allowed
+// the shared memory first. Every launch of a kernel goes through here before it.
+template <class K>
+int resident_blocks(K* kernel, int threads, size_t smem, int device) {
+  using Key = std::tuple<const void*, int, size_t, int>;
+  static std::mutex mu;
+  static std::map<Key, int> known;
+  const Key key{reinterpret_cast<const void*>(kernel), threads, smem, device};
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  if (smem > 48 * 1024)  // above the default limit of dynamic shared memory: opt in
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int b = 0;
+  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
+  return known[key] = std::max(1, b);
 }
 
 }  // namespace norm_detail
@@ -432,6 +703,17 @@ inline Tensor norm_forward(const Tensor& x_in, const Tensor& weight, const Tenso
       const Params<C, W> p = make_params<C, W>(rows, D, eps, center, offset, w, b);
       T* py = data_as<T>(y);
       const T* px = data_as<const T>(x);
+      if (const int wv = warp_vectors<T>(D, {py, px})) {
+        // One warp per row: (rows / 4) blocks of 4 warps, beyond 32 blocks per SM in a grid-stride loop.
+        constexpr int wpb = kWarpThreads / 32;
+        const int64_t blocks = std::min<int64_t>((rows + wpb - 1) / wpb, int64_t(sm_count(dev)) * 32);
+        with_warp_vectors(wv, [&](auto m) {
+          if constexpr (kWarpRows<T>)
+            forward_warp_kernel<T, W, decltype(m)::value><<<unsigned(blocks), kWarpThreads, 0, current_stream()>>>(py, px, p);
+        });
+        check_launch();
+        return;
+      }
       const Plan plan = plan_rows<T>(D, {py, px});
       const unsigned blocks = unsigned(std::min<int64_t>(rows, int64_t(sm_count(dev)) * 64));
       if (plan.maxv == 0) {
@@ -478,25 +760,58 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
       T* pdx = data_as<T>(dx);
       const T* px = data_as<const T>(x);
       const T* pg = data_as<const T>(g);
-      const Plan plan = plan_rows<T>(D, {pdx, px, pg});
-      // Few enough blocks that the (blocks, D) partials stay small (and in L2) next to the rows.
-      const int per_sm = std::max(1, std::min(4, 2048 / plan.threads));
-      const int64_t blocks = std::min<int64_t>(rows, int64_t(sm_count(dev)) * per_sm);
-      Tensor part_w = weight.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
-      Tensor part_b = bias.defined() ? Tensor::empty({blocks, D}, ct, x.device()) : Tensor();
-      C* pw = part_w.defined() ? data_as<C>(part_w) : nullptr;
-      C* pb = part_b.defined() ? data_as<C>(part_b) : nullptr;
-      if (plan.maxv == 0) {
-        backward_generic_kernel<T, W><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(pdx, pw, pb, pg, px, p);
-      } else {
-        with_maxv<T>(plan.maxv, [&](auto m) {
-          backward_cached_kernel<T, W, decltype(m)::value><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(
-              pdx, pw, pb, pg, px, p);
+      // Column partials of weight and bias: (kinds, blocks, D) in the compute dtype.
+      const int kinds = int(weight.defined()) + int(bias.defined());
+      auto partials = [&](int64_t blocks) {
+        return kinds ? Tensor::empty({kinds, blocks, D}, ct, x.device()) : Tensor();
+      };
+      Tensor part;
+      int64_t blocks = 0;
+      if (const int wv = warp_vectors<T>(D, {pdx, px, pg})) {
+        // One warp per row; as many blocks as are resident at once (each writes one partial row),
+        // never more than there are rows for.
+        constexpr int wpb = kWarpThreads / 32;
+        with_warp_vectors(wv, [&](auto m) {
+          auto run = [&](auto kernel, size_t smem) {
+            const int64_t resident = int64_t(sm_count(dev)) * resident_blocks(kernel, kWarpThreads, smem, dev);
+            blocks = std::min<int64_t>((rows + wpb - 1) / wpb, resident);
+            part = partials(blocks);
+            C* pw = weight.defined() ? data_as<C>(part) : nullptr;
+            C* pb = bias.defined() ? data_as<C>(part) + (weight.defined() ? blocks * D : 0) : nullptr;
+            kernel<<<unsigned(blocks), kWarpThreads, smem, current_stream()>>>(pdx, pw, pb, pg, px, p);
+          };
+          if constexpr (kWarpRows<T>) {
+            constexpr int M = decltype(m)::value;
+            if (bias.defined()) run(backward_warp_kernel<T, W, M, true>, backward_warp_smem<T, M, true>(D));
+            else run(backward_warp_kernel<T, W, M, false>, backward_warp_smem<T, M, false>(D));
+          }
         });
+      } else {
+        const Plan plan = plan_rows<T>(D, {pdx, px, pg});
+        // Few enough blocks that the (blocks, D) partials stay small (and in L2) next to the rows.
+        const int per_sm = std::max(1, std::min(4, 2048 / plan.threads));
+        blocks = std::min<int64_t>(rows, int64_t(sm_count(dev)) * per_sm);
+        part = partials(blocks);
+        C* pw = weight.defined() ? data_as<C>(part) : nullptr;
+        C* pb = bias.defined() ? data_as<C>(part) + (weight.defined() ? blocks * D : 0) : nullptr;
+        if (plan.maxv == 0) {
+          backward_generic_kernel<T, W><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(pdx, pw, pb, pg, px, p);
+        } else {
+          with_maxv<T>(plan.maxv, [&](auto m) {
+            backward_cached_kernel<T, W, decltype(m)::value><<<unsigned(blocks), plan.threads, 0, current_stream()>>>(
+                pdx, pw, pb, pg, px, p);
+          });
+        }
       }
       check_launch();
-      if (pw) out.weight = column_sums(part_w, blocks, D, weight.dtype());
-      if (pb) out.bias = column_sums(part_b, blocks, D, bias.dtype());
+      std::vector<DType> out_dtypes;
+      if (weight.defined()) out_dtypes.push_back(weight.dtype());
+      if (bias.defined()) out_dtypes.push_back(bias.dtype());
+      if (kinds) {
+        std::vector<Tensor> sums = column_sums(part, blocks, D, out_dtypes);
+        if (weight.defined()) out.weight = sums[0];
+        if (bias.defined()) out.bias = sums.back();
+      }
     });
   });
   out.x = dx.dtype() == x_in.dtype() ? dx : dx.to(x_in.dtype());

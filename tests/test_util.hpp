@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 #include <tq/tq.hpp>
 
+#include <functional>
 #include <random>
+#include <string>
+#include <vector>
 
 namespace tq::test {
 
@@ -62,6 +65,19 @@ inline ::testing::AssertionResult grad_ok(const GradcheckResult& r) {
   if (r.ok) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "gradcheck failed: " << r.first_failure << " (max abs error " << r.max_abs_error
                                        << ")";
+}
+
+// f() throws a tq::Error whose message contains every one of `parts`.
+inline ::testing::AssertionResult throws_with(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+  } catch (const tq::Error& e) {
+    const std::string m = e.what();
+    for (const std::string& p : parts)
+      if (m.find(p) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << p << "': " << m;
+    return ::testing::AssertionSuccess();
+  }
+  return ::testing::AssertionFailure() << "no tq::Error thrown";
 }
 
 }  // namespace tq::test

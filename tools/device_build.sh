@@ -7,12 +7,16 @@
 #
 #   ./tools/device_build.sh          then, with the device tool:  run  "bash tools/device.sh"  carry [".dev"]
 #   TQ_JOBS=N                        build parallelism (default: all cores)
+#   TQ_TARGETS="tq_tests paligemma"  build only these (default: tq_tests tq_bench paligemma)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/cuda/bin"
 cmake -S . -B build-dev -G Ninja -DTQ_CUDA=ON -DTQ_CUDA_ARCHITECTURES=90a -DTQ_TEST_DIRS=cuda \
   -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build-dev -j "${TQ_JOBS:-$(nproc)}" --target tq_tests tq_bench paligemma
+# TQ_TARGETS narrows the build (e.g. "tq_tests paligemma" after a change the benchmarks do not need;
+# a target not rebuilt keeps its previous binary).
+# shellcheck disable=SC2086
+cmake --build build-dev -j "${TQ_JOBS:-$(nproc)}" --target ${TQ_TARGETS:-tq_tests tq_bench paligemma}
 rm -rf .dev
 mkdir -p .dev/bin .dev/lib
 cp build-dev/bin/tq_tests build-dev/bin/tq_bench build-dev/bin/paligemma .dev/bin/

@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "kernels/device.cuh"
 #include "tests/test_util.hpp"
@@ -54,6 +56,43 @@ inline double tol_for(DType dt) {
     default: return 0.0;
   }
 }
+
+// One call of `step` on `stream`, captured as a CUDA graph and instantiated (warm up outside the
+// capture first: module loading, kernel attributes, pool growth). An op that breaks the capture (a
+// hidden synchronization, a host read) ends it and throws with the op's message: the test fails.
+class CapturedGraph {
+ public:
+  template <class F>
+  CapturedGraph(cudaStream_t stream, F&& step) : stream_(stream) {
+    TQ_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    try {
+      step();
+    } catch (const std::exception& e) {
+      (void)cudaStreamEndCapture(stream, &graph_);
+      throw std::runtime_error(std::string("an op broke the CUDA-graph capture (a hidden synchronization?): ") +
+                               e.what());
+    }
+    TQ_CUDA_CHECK(cudaStreamEndCapture(stream, &graph_));
+    TQ_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+  }
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  ~CapturedGraph() {
+    if (exec_) (void)cudaGraphExecDestroy(exec_);
+    if (graph_) (void)cudaGraphDestroy(graph_);
+  }
+  void launch() const { TQ_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+  size_t nodes() const {
+    size_t n = 0;
+    TQ_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &n));
+    return n;
+  }
+
+ private:
+  cudaStream_t stream_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
 
 // got (any device) vs ref (CPU): same shape and dtype, no NaN where the reference has none,
 // |got - ref| <= rtol·|ref| + 0.1·rtol·max|ref| elementwise and ‖got - ref‖ <= rtol·‖ref‖.

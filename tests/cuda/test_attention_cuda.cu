@@ -445,30 +445,18 @@ TEST(GpuAttention, CapturedInCudaGraph) {
     for (Tensor* t : {&q, &k, &v, &dout}) t->copy_(rnd(t->shape(), dt));
     step();  // warm-up outside the capture: kernel attributes, pool setup
     stream.synchronize();
-    cudaGraph_t graph = nullptr;
-    TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-    try {
-      step();
-    } catch (const std::exception& e) {
-      (void)cudaStreamEndCapture(stream.get(), &graph);
-      FAIL() << "the op broke the capture (a hidden synchronization?): " << e.what();
-    }
-    TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-    cudaGraphExec_t exec = nullptr;
-    TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    const CapturedGraph graph(stream.get(), [&] { step(); });
     for (int replay = 0; replay < 2; ++replay) {
       SCOPED_TRACE(str_cat("replay ", replay));
       Tensor qc = rnd(q.shape(), dt), kc = rnd(k.shape(), dt), vc = rnd(v.shape(), dt), dc = rnd(dout.shape(), dt);
       q.copy_(qc), k.copy_(kc), v.copy_(vc), dout.copy_(dc);
       out.fill_(NAN), dq.fill_(NAN);
-      TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+      graph.launch();
       stream.synchronize();
       const Result ref = cpu_reference(qc, kc, vc, dc, host_opt);
       EXPECT_TRUE(matches(out.cpu(), ref.out, dt));
       EXPECT_TRUE(matches(dq.cpu(), ref.grads[0], dt));
     }
-    TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    TQ_CUDA_CHECK(cudaGraphDestroy(graph));
   }
 }
 

@@ -453,20 +453,8 @@ TEST(GpuGraph, CapturedOpsReplayWithoutHostSync) {
   step(x, w, y);  // warm-up: module loading and pool setup happen outside the capture
   stream.synchronize();
 
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
-    step(x, w, y);
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "an op broke the capture (a hidden synchronization?): " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  size_t nodes = 0;
-  TQ_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
-  EXPECT_GE(nodes, 8u);
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const CapturedGraph graph(stream.get(), [&] { step(x, w, y); });
+  EXPECT_GE(graph.nodes(), 8u);
 
   for (int replay = 0; replay < 2; ++replay) {
     SCOPED_TRACE(str_cat("replay ", replay));
@@ -474,13 +462,11 @@ TEST(GpuGraph, CapturedOpsReplayWithoutHostSync) {
     x.copy_(xc);
     w.copy_(wc);
     y.fill_(NAN);
-    TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+    graph.launch();
     stream.synchronize();
     step(xc, wc, yc);
     EXPECT_TRUE(close(y.cpu(), yc, 1e-5));
   }
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace

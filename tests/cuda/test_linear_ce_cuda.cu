@@ -274,29 +274,17 @@ TEST(GpuGraph, LinearCrossEntropyCapturesAndReplays) {
   fill();
   step();  // warm-up outside the capture
   stream.synchronize();
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
-    step();
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "the op broke the capture (a hidden synchronization?): " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const CapturedGraph graph(stream.get(), [&] { step(); });
   for (int replay = 0; replay < 2; ++replay) {
     SCOPED_TRACE(str_cat("replay ", replay));
     fill();
     loss.fill_(NAN), dh.fill_(NAN);
-    TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+    graph.launch();
     stream.synchronize();
     const ops::LinearCrossEntropyResult ref = ops::linear_cross_entropy_forward(hc, wc, tc, o, true, false);
     EXPECT_NEAR(loss.item<double>(), ref.loss.item<double>(), 1e-3 * (1 + std::abs(ref.loss.item<double>())));
     EXPECT_TRUE(close(dh.cpu(), ref.grad_h, 1e-2));
   }
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace

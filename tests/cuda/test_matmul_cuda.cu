@@ -212,28 +212,16 @@ TEST(GpuGraph, MatmulAndLinearCaptureAndReplay) {
   fill(xc, wc, bc, xfc);
   step();  // warm-up: module loading, GEMM attributes, pool growth happen outside the capture
   stream.synchronize();
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
-    step();
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "an op broke the capture (a hidden synchronization?): " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const CapturedGraph graph(stream.get(), [&] { step(); });
   for (int replay = 0; replay < 2; ++replay) {
     SCOPED_TRACE(str_cat("replay ", replay));
     fill(xc, wc, bc, xfc);
     y.fill_(NAN), yf.fill_(NAN);
-    TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+    graph.launch();
     stream.synchronize();
     EXPECT_TRUE(close(y.cpu(), linear(xc, wc, bc), 1e-2));
     EXPECT_TRUE(close(yf.cpu(), ops::matmul(xfc, wc.narrow(1, 0, 77).to(DType::f32), false, true), 1e-5));
   }
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace

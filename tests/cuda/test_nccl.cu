@@ -35,6 +35,7 @@ extern char** environ;
 namespace {
 
 using namespace tq;
+using tq::test::throws_with;
 using namespace tq::gpu_test;
 using namespace tq::dist;
 using Seconds = std::chrono::duration<double>;
@@ -48,18 +49,6 @@ using Seconds = std::chrono::duration<double>;
 #else
 #define TQ_REQUIRE_NCCL() GTEST_SKIP() << "built without NCCL (no nccl.h / libnccl at configure time)"
 #endif
-
-::testing::AssertionResult throws_with(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const tq::Error& e) {
-    const std::string m = e.what();
-    for (const std::string& p : parts)
-      if (m.find(p) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << p << "': " << m;
-    return ::testing::AssertionSuccess();
-  }
-  return ::testing::AssertionFailure() << "no tq::Error thrown";
-}
 
 // World size 1 without any launcher variable: no socket is opened.
 Env single_process(double timeout_s) {

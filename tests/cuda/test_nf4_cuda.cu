@@ -446,26 +446,15 @@ TEST(GpuNf4Linear, FusedPathCapturesIntoAGraph) {
   Tensor y = Tensor::empty({1, 2048}, DType::bf16, kCuda);
   y.copy_(gpu(x));  // warm-up outside the capture
   stream.synchronize();
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
-    y.copy_(gpu(x));  // the op's own buffers are allocated and freed inside the graph
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "the fused NF4 product broke the capture: " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  // The op's own buffers are allocated and freed inside the graph.
+  const CapturedGraph graph(stream.get(), [&] { y.copy_(gpu(x)); });
   Tensor xc = rnd({1, 2048}, DType::bf16);
   x.copy_(xc);
   y.fill_(NAN);
-  TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+  graph.launch();
   stream.synchronize();
   NF4Linear cpu(q, gpu.bias().cpu());
   EXPECT_TRUE(within(y, cpu(xc).to_vector<double>(), 1e-2, 1e-2));
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace

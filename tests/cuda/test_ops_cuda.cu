@@ -359,29 +359,19 @@ TEST(GpuGraph, EveryOpCapturesAndReplaysExactly) {
   for (const Tensor& t : eager) outs.push_back(Tensor::empty(t.shape(), t.dtype(), kCuda));
   stream.synchronize();
 
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
+  const CapturedGraph graph(stream.get(), [&] {
     std::vector<Tensor> r = step(in);
     for (size_t i = 0; i < r.size(); ++i) outs[i].copy_(r[i]);
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "an op broke the capture (a hidden synchronization?): " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  });
   for (int replay = 0; replay < 2; ++replay) {
     SCOPED_TRACE(str_cat("replay ", replay));
     refill();
     for (Tensor& t : outs) t.fill_(NAN);
-    TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+    graph.launch();
     stream.synchronize();
     std::vector<Tensor> expect = step(in);  // eager, same kernels: bit for bit (deterministic)
     for (size_t i = 0; i < outs.size(); ++i) EXPECT_TRUE(close(outs[i].cpu(), expect[i].cpu(), 0.0)) << "output " << i;
   }
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
   ops::check_device_index_errors(kCuda);
 }
 

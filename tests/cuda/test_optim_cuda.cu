@@ -200,23 +200,11 @@ TEST(GpuAdamW, StepCapturesIntoAGraph) {
   m.set_grads(1.0, [](size_t) { return false; });
   optim::AdamW cpu(two_groups(m.cpu)), gpu(two_groups(m.gpu));
   stream.synchronize();
-  cudaGraph_t graph = nullptr;
-  TQ_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
-  try {
-    gpu.step();
-  } catch (const std::exception& e) {
-    (void)cudaStreamEndCapture(stream.get(), &graph);
-    FAIL() << "the AdamW step broke the capture: " << e.what();
-  }
-  TQ_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-  cudaGraphExec_t exec = nullptr;
-  TQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  TQ_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));  // the captured step (t = 1) runs once, here
+  const CapturedGraph graph(stream.get(), [&] { gpu.step(); });
+  graph.launch();  // the captured step (t = 1) runs once, here
   stream.synchronize();
   cpu.step();
   for (size_t i = 0; i < m.cpu.size(); ++i) EXPECT_TRUE(same_values(m.gpu[i], m.cpu[i])) << "parameter " << i;
-  TQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  TQ_CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 }  // namespace

@@ -23,21 +23,10 @@
 namespace {
 
 using namespace tq;
+using tq::test::throws_with;
 using namespace tq::dist;
 namespace test = tq::test;
 using Millis = std::chrono::milliseconds;
-
-::testing::AssertionResult throws_with(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const tq::Error& e) {
-    const std::string m = e.what();
-    for (const std::string& p : parts)
-      if (m.find(p) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << p << "': " << m;
-    return ::testing::AssertionSuccess();
-  }
-  return ::testing::AssertionFailure() << "no tq::Error thrown";
-}
 
 ::testing::AssertionResult contains_all(const std::string& m, const std::vector<std::string>& parts) {
   for (const std::string& p : parts)

@@ -1,5 +1,6 @@
 // NF4Linear: forward against a float64 reference on the dequantized weight, the input gradient against
-// dy·W_deq computed independently and against finite differences (f64 reference mode), scratch reuse.
+// dy·W_deq computed independently and against finite differences (f64 reference mode), the scratch
+// buffer shared by all layers.
 #include <tq/quant/nf4_linear.hpp>
 
 #include "../test_util.hpp"
@@ -87,6 +88,31 @@ TEST(Nf4Linear, ScratchIsReusedAcrossCalls) {
   const void* p2 = lin.dequantized_weight().data_ptr();
   EXPECT_EQ(p1, p2);
   EXPECT_THROW(lin(test::random({2, 31}, DType::f32)), Error);
+}
+
+// Every layer dequantizes into one shared buffer (a per-layer copy would add up to a bf16 model):
+// a second, smaller layer reuses the first one's memory, and a chain of layers still gets every
+// forward and backward right, because each dequantization is consumed before the next one.
+TEST(Nf4Linear, LayersShareOneScratchBuffer) {
+  NF4Linear a(nf4_quantize(test::random({40, 64}, DType::f32, -0.2, 0.2)));
+  NF4Linear b(nf4_quantize(test::random({24, 40}, DType::f32, -0.2, 0.2)));
+  const void* pa = a.dequantized_weight().data_ptr();
+  const Tensor wb = b.dequantized_weight();
+  EXPECT_EQ(wb.data_ptr(), pa);
+  EXPECT_TRUE(test::all_close(wb, nf4_dequantize(b.weight(), DType::bf16).to_vector<double>(), 0.0, 0.0));
+
+  Tensor x = test::random({3, 64}, DType::f32).requires_grad_();
+  Tensor y = b(a(x));
+  Tensor dy = test::random({3, 24}, DType::f32);
+  y.backward(dy);
+  // The same chain on dense bf16 weights dequantized independently (fresh tensors), same roundings.
+  Tensor wa_d = nf4_dequantize(a.weight(), DType::bf16), wb_d = nf4_dequantize(b.weight(), DType::bf16);
+  Tensor h = ops::matmul(x.detach().to(DType::bf16).to(DType::f32), wa_d.to(DType::f32), false, true).to(DType::bf16);
+  Tensor y_ref = ops::matmul(h.to(DType::f32), wb_d.to(DType::f32), false, true).to(DType::bf16).to(DType::f32);
+  EXPECT_TRUE(test::all_close(y, y_ref.to_vector<double>(), 0.0, 0.0));
+  Tensor dh = ops::matmul(dy.to(DType::bf16), wb_d).to(DType::f32);
+  Tensor dx = ops::matmul(dh.to(DType::bf16), wa_d).to(DType::f32);
+  EXPECT_TRUE(test::all_close(x.grad(), dx.to_vector<double>(), 0.0, 0.0));
 }
 
 }  // namespace

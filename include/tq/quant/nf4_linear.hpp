@@ -1,17 +1,21 @@
 // NF4Linear: a frozen bitsandbytes Linear4bit (nf4, compute dtype bf16), bnb 0.49.2's MatMul4Bit path
 // (spec A.10):
-//   forward   W = dequantize(NF4) → bf16 scratch (out, in), reused across calls, reallocated only when the
-//             shape changes; y = bf16(x_bf16 · Wᵀ + bias_bf16) with fp32 accumulation, rounded once;
+//   forward   W = dequantize(NF4) → a bf16 scratch buffer shared by every NF4Linear on the device (one
+//             per device and thread, grown to the largest weight); y = bf16(x_bf16 · Wᵀ + bias_bf16) with fp32 accumulation, rounded once;
 //             the result is cast back to x's dtype.
 //   backward  dx = bf16(dy_bf16 · W_bf16) cast to x's dtype; no weight gradient (frozen), no bias gradient.
 // An f64 input runs the same math in f64 on the dequantized weight (a reference mode for gradient tests).
 // Invariant: the scratch never outlives a call's meaning — backward re-dequantizes instead of keeping W.
+// Why shared: a layer's dequantized weight lives only from its dequantize to the GEMM that reads it,
+// enqueued right after on the same stream (the next layer's dequantize is ordered after that GEMM),
+// so one buffer serves the whole model. Kept per layer, the buffers added up to a bf16 copy of the
+// model beside its NF4 codes (PaliGemma-3B: NF4 generate peaked above bf16 generate).
 // CUDA (weight, bias and input on one device; NF4Linear::to moves a layer):
 //   M ≤ kFusedMaxRows rows (decoding): the fused NF4 product on the packed codes (kernels/nf4.cuh), which
 //             never materializes W: fp32 accumulation, bias in fp32, one bf16 rounding; it takes the NF4
 //             codes as bf16 (as bnb's gemv_4bit does) and scales per 64-block partial sums, so it agrees
 //             with the dequantize path to bf16 accuracy, not bit for bit.
-//   larger M: dequantize into the reused bf16 scratch, then the GEMM (bf16 in, fp32 accumulate) with the
+//   larger M: dequantize into the shared bf16 scratch, then the GEMM (bf16 in, fp32 accumulate) with the
 //             bf16 bias added in fp32 in its epilogue (ops::linear_fused_bias) and one bf16 rounding: the CPU
 //             path's numerics, apart from the accumulation order. (Adding the bias to a bf16-rounded product
 //             rounds twice; DoRA's reuse of y − bias as the base branch made that visible in the magnitude
@@ -19,12 +23,40 @@
 //   backward: the same dequantize + ops::matmul as the CPU path, on the device.
 #pragma once
 
+#include <algorithm>
+#include <map>
+#include <string>
+
 #include "tq/ops/elementwise.hpp"
 #include "tq/ops/matmul.hpp"
 #include "tq/nn/linear.hpp"
 #include "tq/quant/nf4.hpp"
 
 namespace tq {
+
+namespace nf4_detail {
+
+// The bf16 dequantization buffer of `d` for this thread, at least `numel` elements. Never destroyed
+// (a CUDA buffer must not be freed after the runtime shut down at exit); growing it frees the old
+// one in stream order, after the work already enqueued on it.
+inline Tensor shared_scratch(Device d, int64_t numel) {
+  static thread_local auto* buffers = new std::map<std::string, Tensor>();
+  Tensor& b = (*buffers)[d.str()];
+  if (!b.defined() || b.numel() < numel) {
+    b = Tensor();
+    b = Tensor::empty({std::max<int64_t>(numel, 1)}, DType::bf16, d);
+  }
+  return b;
+}
+
+// dequantize(q) as bf16 (out, in) in the shared buffer of q's device.
+inline Tensor dequantize_to_scratch(const NF4Tensor& q) {
+  Tensor w = shared_scratch(q.device(), q.numel()).narrow(0, 0, q.numel()).reshape(q.shape);
+  nf4_dequantize_into(q, w);
+  return w;
+}
+
+}  // namespace nf4_detail
 
 class NF4Linear {
  public:
@@ -45,17 +77,12 @@ class NF4Linear {
   static constexpr int64_t kFusedMaxRows = 16;
 
   Device device() const { return weight_.device(); }
-  // This layer with its weight and bias on `d` (a new layer; its scratch is allocated on first use).
+  // This layer with its weight and bias on `d`.
   NF4Linear to(Device d) const { return NF4Linear(weight_.to(d), bias_.defined() ? bias_.to(d) : Tensor()); }
 
-  // The dequantized weight in the compute dtype, in the reused scratch buffer: bf16 (out, in), on the
-  // weight's device.
-  const Tensor& dequantized_weight() {
-    if (!scratch_.defined() || scratch_.shape() != weight_.shape || scratch_.device() != weight_.device())
-      scratch_ = Tensor::empty(weight_.shape, DType::bf16, weight_.device());
-    nf4_dequantize_into(weight_, scratch_);
-    return scratch_;
-  }
+  // The dequantized weight in the compute dtype: bf16 (out, in), on the weight's device, in the shared
+  // scratch buffer (valid until the next NF4Linear on this device and thread dequantizes).
+  Tensor dequantized_weight() const { return nf4_detail::dequantize_to_scratch(weight_); }
 
   // y (..., out) = x (..., in) · W_deqᵀ + b, in x's dtype.
   Tensor forward(const Tensor& x) {
@@ -91,7 +118,7 @@ class NF4Linear {
     const Shape xs = x.shape();
     return record("nf4_linear", out, {x}, [wq, xdt, xs](const Tensor& g) {
       const bool r = xdt == DType::f64;
-      Tensor w_deq = nf4_dequantize(wq, DType::bf16);  // on the weight's device
+      Tensor w_deq = nf4_detail::dequantize_to_scratch(wq);  // on the weight's device, in the shared buffer
       Tensor g2 = g.detach().reshape({-1, wq.shape[0]});
       Tensor dx = r ? ops::matmul(g2.to(DType::f64), w_deq.to(DType::f64))
                     : ops::matmul(g2.to(DType::bf16), w_deq);  // bf16 in, fp32 accumulate, bf16 out
@@ -103,7 +130,6 @@ class NF4Linear {
  private:
   NF4Tensor weight_;
   Tensor bias_;
-  Tensor scratch_;  // bf16 (out, in)
 };
 
 // NF4Linear in an nn::Module linear slot, so apply_lora can wrap a quantized layer (QLoRA).
