@@ -8,7 +8,8 @@
 #           cuBLAS composite, NF4 GEMV vs cuBLAS, fused linear+CE (TQ_BENCH_FILTER narrows it)
 #   model   full-size random-init PaliGemma-3B / PaliGemma 2 3B (`paligemma init`): generate in bf16
 #           and NF4 (tokens/s, peak memory), the full QLoRA recipe for TQ_TRAIN_STEPS (default 50)
-#           steps, then `eval --limit 500` with the adapter
+#           steps (gradient checkpointing on, as the notebook; TQ_TRAIN_FLAGS adds flags, e.g.
+#           --no-grad-checkpointing), then `eval --limit 500` with the adapter
 #   hf      (not by default) the HF transformers+peft+bitsandbytes reference training loop on the model
 #           step's PaliGemma-3B (tools/bench_hf_train.py): samples/s for the ratio
 # TQ_GTEST_FILTER overrides the test filter; TQ_ARCHS (default "pg1 pg2") the model step's models
@@ -69,7 +70,7 @@ if [[ " $STEPS " == *" model "* ]]; then
   if [[ " ${TQ_ARCHS:-pg1 pg2} " == *" pg1 "* ]]; then
     t0=$(date +%s)
     timeout "${TQ_TRAIN_TIMEOUT:-240}" "$B/paligemma" train --model $M/pg1 --data $M/risc --out $M/run --device cuda --max-steps "${TQ_TRAIN_STEPS:-50}" \
-      --log-every 10 >"$OUT/train.log" 2>&1
+      --log-every 10 ${TQ_TRAIN_FLAGS:-} >"$OUT/train.log" 2>&1
     echo "train rc $? in $(( $(date +%s) - t0 )) s"
     grep -E "^train:|^step" "$OUT/train.log" | tail -8 | tee -a "$OUT/model.log"
     cp $M/run/log.csv "$OUT/train_log.csv" 2>/dev/null

@@ -49,12 +49,17 @@ class JsonConfig : public CLI::Config {
       const std::string name = opt->get_lnames()[0];
       if (name == "help" || name == "config") continue;
       std::vector<std::string> vals = opt->reduced_results();
+      // A flag takes no argument (CLI11 gives it type size 1 but at most 0 expected values). One not
+      // given resolves to its default string (set where the default is on) or off, so every flag
+      // appears in a resolved config as a JSON bool.
+      const bool flag = opt->get_type_size() == 0 || opt->get_expected_max() == 0;
       if (vals.empty() && default_also) {
-        if (opt->get_default_str().empty()) continue;
-        vals = {opt->get_default_str()};
+        if (!opt->get_default_str().empty()) vals = {opt->get_default_str()};
+        else if (flag) vals = {"false"};
+        else continue;
       }
       if (vals.empty()) continue;
-      if (opt->get_type_size() == 0) {  // a flag
+      if (flag) {
         j[name] = vals[0] != "0" && vals[0] != "false" && vals[0] != "-1";
       } else if (opt->get_expected_max() > 1) {
         j[name] = vals;

@@ -65,7 +65,13 @@ void add_flags(CLI::App& app, TrainArgs& a) {
   app.add_option("--val-size", a.val_size, "split: validation fraction")->capture_default_str();
   app.add_option("--caption-strategy", a.caption_strategy, "random, first, longest or concat")->capture_default_str();
   app.add_option("--prompt", a.prompt, "prompt prefix")->capture_default_str();
-  app.add_flag("--grad-checkpointing", o.grad_checkpointing, "recompute decoder layers in backward");
+  // On by default: the notebook's recipe trains with gradient_checkpointing=True (spec/qlora.md §0), and
+  // it is what keeps the run below the reference's memory (H200: 5.8 GiB vs 8.5 GiB; 15.3 GiB without).
+  o.grad_checkpointing = true;
+  app.add_flag("--grad-checkpointing,!--no-grad-checkpointing", o.grad_checkpointing,
+               "recompute decoder layers in backward (the recipe's default; --no-grad-checkpointing trades memory "
+               "for ~15% speed)")
+      ->default_str("true");
   app.add_option("--log-every", o.log_every, "log every N steps")->capture_default_str();
   app.add_option("--save-every", o.save_every, "checkpoint every N steps (0: only on Ctrl-C)")->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "validation loss every N steps (0: never)")->capture_default_str();

@@ -317,8 +317,9 @@ std::vector<std::string> log_losses(const fs::path& jsonl) {
   return out;
 }
 
-// The CLI end to end with the recipe's defaults (NF4 base, bf16, rsLoRA, LoRA+): outputs, logs,
-// checkpoints, and a --stop-after / --resume pair that reproduces the uninterrupted run's losses.
+// The CLI end to end with the recipe's defaults (NF4 base, bf16, rsLoRA, LoRA+, gradient
+// checkpointing): outputs, logs, checkpoints, the same losses without checkpointing, and a
+// --stop-after / --resume pair that reproduces the uninterrupted run's losses.
 TEST(TrainCli, RecipeEndToEndAndResume) {
   const fs::path model = tiny_model_dir(), out = scratch_dir() / "tq_train_cli_e2e";
   fs::remove_all(out);
@@ -356,6 +357,11 @@ TEST(TrainCli, RecipeEndToEndAndResume) {
   auto cfg = nlohmann::json::parse(std::ifstream(out / "full" / "config.json"));
   EXPECT_EQ(cfg["lora-plus-ratio"], "16");
   EXPECT_EQ(cfg["quant"], "nf4");
+  EXPECT_EQ(cfg["grad-checkpointing"], true);  // the notebook's gradient_checkpointing=True
+  // Turning it off changes memory, not math: the same losses to the printed digit.
+  ASSERT_EQ(run_cli(common + (out / "no_gc").string() + " --no-grad-checkpointing", err), 0) << err;
+  EXPECT_EQ(nlohmann::json::parse(std::ifstream(out / "no_gc" / "config.json"))["grad-checkpointing"], false);
+  EXPECT_EQ(log_losses(out / "no_gc" / "log.jsonl"), ref);
   ASSERT_EQ(run_cli(common + (out / "split").string() + " --stop-after 2", err), 0) << err;
   EXPECT_TRUE(fs::exists(out / "split" / "checkpoint-2" / "state.safetensors"));
   EXPECT_FALSE(fs::exists(out / "split" / "adapter"));
