@@ -3,7 +3,9 @@
 //                                    the bytes it must move (packed codes + absmax codes + nested
 //                                    absmax read, output written) and `vs_copy`, its ratio to a
 //                                    device-to-device copy of as many bytes timed in the same call.
-//   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16)
+//   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16:
+//                                    gemv_kernel at M ≤ 4, else the tensor-core kernel; nf4_linear_mma
+//                                    forces the latter at M = 1 and 4)
 //                                    or dequantize into a bf16 scratch + ops::matmul (M = 64), and
 //                                    cuBLAS bf16 (cublasGemmEx, fp32 compute) on a bf16 W of the same
 //                                    shape; `speedup` = cuBLAS time / NF4 time.
@@ -120,7 +122,7 @@ struct LinearTimes {
 
 // Times y = x · Wᵀ (x (M, K) bf16, W (N, K)) through the NF4 path and through cuBLAS on bf16 W.
 // Throws tq::Error when the M > 16 path's ops::matmul has no CUDA kernel in this build.
-LinearTimes time_linear(int64_t M, int64_t K, int64_t N) {
+LinearTimes time_linear(int64_t M, int64_t K, int64_t N, bool tensor_cores = false) {
   LinearTimes r;
   const NF4Tensor q0 = nf4_quantize(random_device({N, K}, DType::bf16, 2));
   const int nq = copies_for(nf4_bytes(q0));
@@ -130,7 +132,8 @@ LinearTimes time_linear(int64_t M, int64_t K, int64_t N) {
   Tensor y = Tensor::empty({M, N}, DType::bf16, kCuda);
   if (M <= NF4Linear::kFusedMaxRows) {
     // The fused kernel on preallocated buffers (NF4Linear adds only the output allocation).
-    const cuda::nf4k::SmallMPlan plan = cuda::nf4k::plan_small_m(N, K, qs[0].packed.data_ptr(), x.data_ptr(), 0);
+    cuda::nf4k::SmallMPlan plan = cuda::nf4k::plan_small_m(N, K, qs[0].packed.data_ptr(), x.data_ptr(), 0);
+    plan.gemv_max_rows = tensor_cores ? 0 : cuda::nf4k::kGemvMaxRows;  // either path, whatever the default
     Tensor ws = Tensor::empty({std::max<int64_t>(1, plan.workspace_floats(M))}, DType::f32, kCuda);
     std::vector<cuda::nf4k::SmallMArgs> args(static_cast<size_t>(nq));
     std::vector<std::vector<Tensor>> keep(static_cast<size_t>(nq));
@@ -172,11 +175,11 @@ LinearTimes time_linear(int64_t M, int64_t K, int64_t N) {
   return r;
 }
 
-void bm_linear(benchmark::State& state, int64_t M, int64_t K, int64_t N) {
+void bm_linear(benchmark::State& state, int64_t M, int64_t K, int64_t N, bool tensor_cores = false) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   LinearTimes t;
   try {
-    t = time_linear(M, K, N);
+    t = time_linear(M, K, N, tensor_cores);
   } catch (const Error& e) {
     return state.SkipWithError(e.what());  // e.g. ops::matmul without its CUDA kernel in this build
   }
@@ -216,6 +219,14 @@ struct Registrar {
         const int64_t K = kn[0], N = kn[1];
         benchmark::RegisterBenchmark(str_cat("nf4_linear/", M, "/", K, "/", N).c_str(),
                                      [=](benchmark::State& st) { bm_linear(st, M, K, N); })
+            ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
+      }
+    // The tensor-core kernel where gemv_kernel takes over (M ≤ 4): what the split point rests on.
+    for (int64_t M : {1, 4})
+      for (auto& kn : kShapes) {
+        const int64_t K = kn[0], N = kn[1];
+        benchmark::RegisterBenchmark(str_cat("nf4_linear_mma/", M, "/", K, "/", N).c_str(),
+                                     [=](benchmark::State& st) { bm_linear(st, M, K, N, true); })
             ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
       }
     benchmark::RegisterBenchmark("nf4_linear_geomean_m1", bm_geomean_m1)

@@ -16,7 +16,9 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. Tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
+// - The fused product never materializes W. For M ≤ 4 (decoding) gemv_kernel streams the codes
+//   on CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no
+//   workspace; opt-in with TQ_NF4_GEMV=1 until measured on the device); otherwise tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
 //   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
 //   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
 //   multiplies that block's fp32 partial sum, the bias (rounded to bf16, as NF4Linear does) is
@@ -32,6 +34,7 @@
 #include <cuda_fp16.h>
 
 #include <cfloat>
+#include <cstdlib>
 #include <numeric>
 
 #include "kernels/copy.cuh"
@@ -368,6 +371,23 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range of tile-units
 
+// The lookup table both product kernels decode codes with: pair[byte · 32 + lane] = bf16x2
+// {NF4[byte >> 4] (low half: the element first in memory), NF4[byte & 15]}, replicated per lane so
+// that a warp's 32 lookups of random bytes hit 32 different banks (32 KB); and DYN for the block
+// scales. Built by the CTA's first 256 threads (blockDim.x ≥ 256), ends with a barrier.
+__device__ __forceinline__ void build_pair_table(uint32_t* pair, uint32_t* pair_of_byte, float* dyn, const Tables& tab) {
+  if (threadIdx.x < 256) {
+    const int byte = int(threadIdx.x);
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
+    pair_of_byte[byte] = lo | (hi << 16);
+    dyn[byte] = tab.dyn[byte];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) pair[e] = pair_of_byte[e >> 5];
+  __syncthreads();
+}
+
 // The tensor-core path. A unit j of a row is its flat 64-block b0(row) + j, i.e. the k in
 // [64j − ψ, 64j − ψ + 64) ∩ [0, K). Lane (g, t) owns rows g and g+8 of a 16-row tile and, in every
 // unit, the 16 k starting at kl = 64j − ψ + 16t: 8 packed bytes per row (one 8-byte load) and 16 x
@@ -467,22 +487,11 @@ __device__ __forceinline__ void tile_units(const SmallMArgs& a, const TileRows& 
 template <int MT>
 __global__ void __launch_bounds__(kSmallMWarps * 32, MT == 1 ? 3 : 2)
     small_m_kernel(SmallMArgs a, Tables tab) {
-  // pair[byte · 32 + lane] = bf16x2 {NF4[byte >> 4], NF4[byte & 15]}: replicated per lane so that a
-  // warp's 32 lookups of random bytes hit 32 different banks (32 KB).
   static_assert(kSmallMWarps * 32 == 256, "one thread per byte value builds the table");
   __shared__ uint32_t pair[256 * 32];
   __shared__ uint32_t pair_of_byte[256];
   __shared__ float dyn[256];
-  {
-    const int byte = int(threadIdx.x);
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
-    pair_of_byte[byte] = lo | (hi << 16);
-    dyn[byte] = tab.dyn[byte];
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) pair[e] = pair_of_byte[e >> 5];
-  __syncthreads();
+  build_pair_table(pair, pair_of_byte, dyn, tab);
 
   const int lane = int(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
   const int64_t w = int64_t(blockIdx.x) * kSmallMWarps + (threadIdx.x >> 5);
@@ -525,6 +534,138 @@ __global__ void small_m_reduce_kernel(SmallMArgs a) {
     for (int64_t w = w0; w <= w1; ++w) s += a.partial[((w + tile) * a.M + tok) * 16 + i];
     if (a.bias) s += __bfloat162float(a.bias[n]);
     a.y[int64_t(tok) * a.N + n] = __float2bfloat16_rn(s);
+  }
+}
+
+// ---- the bandwidth-bound product for M ≤ kGemvMaxRows (decoding one to four sequences) ----
+//
+// At M = 1 the product is a stream of the packed codes: the kernel's job is to keep enough of them
+// in flight (a row's codes are read as contiguous VEC-byte chunks, 8 per lane issued before any is
+// used) and to spend few instructions per code (one table lookup per byte, two FMAs per element
+// and token on CUDA cores: no tensor-core fragments whose rows must share a 64-block). A group of
+// G lanes owns R consecutive rows; lane `sub` of the group reads chunks sub, sub + G, ... of each
+// row (so the R rows share each x chunk it loads), and the group's partial sums meet in a fixed
+// shuffle tree: deterministic, no workspace, one launch. Arithmetic as the tensor-core path: codes
+// as bf16, each chunk's fp32 sum times its 64-block's fp32 scale (a chunk of 16 or 32 elements
+// starting at a multiple of its size lies in one 64-block), bias rounded to bf16, one rounding.
+constexpr int kGemvMaxRows = 4;
+constexpr int kGemvWarps = 8;
+
+struct GemvShape {
+  int G;             // lanes per row group (1 .. 32, a power of two)
+  int64_t C;         // VEC-byte chunks per row: K / (2·VEC)
+  int64_t groups;    // ceil(N / R)
+};
+
+template <int VEC, int R, int MM>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
+  static_assert(VEC == 8 || VEC == 16, "8- or 16-byte code chunks");
+  constexpr int D = 8 / R;        // chunks of each row in flight per lane: R·D loads issued together
+  constexpr int W = VEC / 4;      // 32-bit code words per chunk
+  using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
+  __shared__ uint32_t pair[256 * 32];
+  __shared__ uint32_t pair_of_byte[256];
+  __shared__ float dyn[256];
+  build_pair_table(pair, pair_of_byte, dyn, tab);
+  const uint32_t* my_pair = pair + (threadIdx.x & 31);
+
+  const int lane = int(threadIdx.x & 31), G = gs.G, sub = lane % G;
+  const int per_warp = 32 / G;
+  const int64_t K = a.K, N = a.N, C = gs.C;
+  const int64_t iters = (C + G - 1) / G;
+  const int64_t warp = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  const int64_t warps = int64_t(gridDim.x) * kGemvWarps;
+  // Warp-uniform trips (a group past the end computes zeros and stores nothing), so the shuffles
+  // below always have all 32 lanes.
+  for (int64_t q0 = warp * per_warp; q0 < gs.groups; q0 += warps * per_warp) {
+    const int64_t q = q0 + lane / G;
+    const int64_t n0 = q * R;
+    float acc[R][MM];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MM; ++m) acc[r][m] = 0.0f;
+    for (int64_t it0 = 0; it0 < iters; it0 += D) {
+      uint32_t code[D][R][W];
+      RawScale raw[D][R];
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        const int64_t c = sub + (it0 + d) * G;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int64_t n = n0 + r;
+          raw[d][r] = RawScale{0u, 0.0f};
+#pragma unroll
+          for (int w = 0; w < W; ++w) code[d][r][w] = 0u;
+          if (c < C && q < gs.groups && n < N) {
+            const Chunk v = __ldcs(reinterpret_cast<const Chunk*>(a.packed + n * (K / 2) + c * VEC));
+            if constexpr (VEC == 16) code[d][r][0] = v.x, code[d][r][1] = v.y, code[d][r][2] = v.z, code[d][r][3] = v.w;
+            else code[d][r][0] = v.x, code[d][r][1] = v.y;
+            raw[d][r] = load_scale(a.sc, (n * K + c * 2 * VEC) >> 6);
+          }
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        const int64_t c = sub + (it0 + d) * G;
+        if (c >= C) break;
+        // x[m][2VEC·c .. 2VEC·c + 2VEC) as bf16 pairs: word j holds the elements of code byte j
+        // (zeros for tokens past M).
+        uint32_t xw[MM][VEC];
+#pragma unroll
+        for (int m = 0; m < MM; ++m) {
+#pragma unroll
+          for (int v = 0; v < W; ++v) {
+            uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+            if (m < a.M) xv = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
+            xw[m][4 * v] = xv.x, xw[m][4 * v + 1] = xv.y, xw[m][4 * v + 2] = xv.z, xw[m][4 * v + 3] = xv.w;
+          }
+        }
+        float s[R][MM];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MM; ++m) s[r][m] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {  // byte j: elements 2j (high nibble), 2j + 1
+          float x0[MM], x1[MM];
+#pragma unroll
+          for (int m = 0; m < MM; ++m) {
+            x0[m] = __uint_as_float(xw[m][j] << 16);
+            x1[m] = __uint_as_float(xw[m][j] & 0xFFFF0000u);
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint32_t p = my_pair[((code[d][r][j >> 2] >> (8 * (j & 3))) & 0xFFu) << 5];
+            const float w0 = __uint_as_float(p << 16), w1 = __uint_as_float(p & 0xFFFF0000u);
+#pragma unroll
+            for (int m = 0; m < MM; ++m) s[r][m] = fmaf(w1, x1[m], fmaf(w0, x0[m], s[r][m]));
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float am = finish_scale(a.sc, dyn, raw[d][r]);
+#pragma unroll
+          for (int m = 0; m < MM; ++m) acc[r][m] = fmaf(am, s[r][m], acc[r][m]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MM; ++m)
+        for (int o = G >> 1; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+    if (sub == 0 && q < gs.groups) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = n0 + r;
+        if (n >= N) break;
+        const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+          if (m < a.M) a.y[int64_t(m) * N + n] = __float2bfloat16_rn(acc[r][m] + b);
+      }
+    }
   }
 }
 
@@ -696,13 +837,25 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
 
 // How one small-M product runs: the tensor-core kernel's stream-K decomposition (fast), or the
 // general warp-per-row kernel.
+// Whether NF4Linear routes M ≤ kGemvMaxRows to gemv_kernel: TQ_NF4_GEMV=1 in the environment
+// (read per call). Off by default until its GPU tests and benchmark have run on the device: the
+// kernel is new and its indexing is checked only by a host emulation so far; the tensor-core path
+// is the measured default. The benchmarks time both paths regardless.
+inline int gemv_default_max_rows() {
+  const char* v = std::getenv("TQ_NF4_GEMV");
+  return v != nullptr && v[0] == '1' ? kGemvMaxRows : 0;
+}
+
 struct SmallMPlan {
   bool fast = false;  // K % 16 == 0 and 8-byte aligned codes, 16-byte aligned x
+  int gemv_vec = 0;   // M ≤ kGemvMaxRows: gemv_kernel's chunk bytes (16: K % 32 == 0 and 16-byte aligned codes)
   int P = 1;
   int64_t tiles_per_class = 0, tiles = 0, units_per_tile = 0, units_per_warp = 0, total_units = 0, warps = 0;
   unsigned ctas = 1;
-  // Partial sums of the fast path: one (M, 16) slab per segment id w + tile.
-  int64_t workspace_floats(int64_t M) const { return fast ? (warps + tiles) * M * 16 : 0; }
+  int gemv_max_rows = 0;  // M up to which gemv_kernel runs (plan_small_m: gemv_default_max_rows())
+  bool gemv(int64_t M) const { return gemv_vec != 0 && M <= gemv_max_rows; }
+  // Partial sums of the tensor-core path: one (M, 16) slab per segment id w + tile.
+  int64_t workspace_floats(int64_t M) const { return fast && !gemv(M) ? (warps + tiles) * M * 16 : 0; }
 };
 
 inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const void* x, int device) {
@@ -712,6 +865,8 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
     p.ctas = grid_for((N + kThreads / 32 - 1) / (kThreads / 32), 1, device);
     return p;
   }
+  p.gemv_vec = K % 32 == 0 && aligned_to(packed, 16) ? 16 : 8;
+  p.gemv_max_rows = gemv_default_max_rows();
   p.P = int(64 / std::gcd(K, int64_t(64)));
   p.tiles_per_class = ((N + p.P - 1) / p.P + 15) / 16;
   p.tiles = p.P * p.tiles_per_class;
@@ -727,10 +882,56 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
   return p;
 }
 
+// gemv_kernel's shape and launch for M ≤ kGemvMaxRows. Lanes per row G: the largest power of two
+// that keeps ≥ 85 % of the lanes busy on the row's chunks (C = 36 at K = 1152: 8 lanes × 5 chunks);
+// rows per group R: 4 when each lane has at most two chunks of a row (short rows share x loads
+// over more rows), else 2 (a lane's 8 loads in flight cover 4 chunks of each row) ...
+template <int VEC>
+inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
+  GemvShape gs{};
+  gs.C = a.K / (2 * VEC);
+  gs.G = 1;
+  for (int G = 32; G >= 1; G >>= 1) {
+    const int64_t it = (gs.C + G - 1) / G;
+    if (double(gs.C) >= 0.85 * double(G * it)) {
+      gs.G = G;
+      break;
+    }
+  }
+  const int64_t iters = (gs.C + gs.G - 1) / gs.G;
+  const int64_t sms = sm_count(device);
+  auto ctas_for = [&](int r) {
+    const int64_t groups = (a.N + r - 1) / r;
+    const int64_t warps = (groups + (32 / gs.G) - 1) / (32 / gs.G);
+    return (warps + kGemvWarps - 1) / kGemvWarps;
+  };
+  // ... and fewer rows per group (down to 1) while that leaves under two CTAs per SM: latency wants
+  // the warps more than x wants the reuse (K = 16384, N = 2048: 256 CTAs of one row per group).
+  int R = a.M == 1 && iters <= 2 ? 4 : 2;
+  while (R > 1 && ctas_for(R) < 2 * sms) R /= 2;
+  gs.groups = (a.N + R - 1) / R;
+  const unsigned ctas = unsigned(std::min<int64_t>(ctas_for(R), sms * 4));
+  const Tables& tab = tables();
+  constexpr int T = kGemvWarps * 32;
+  if (a.M == 1 && R == 4) gemv_kernel<VEC, 4, 1><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 1) gemv_kernel<VEC, 1, 1><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 2 && R == 2) gemv_kernel<VEC, 2, 2><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 2) gemv_kernel<VEC, 1, 2><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (R == 2) gemv_kernel<VEC, 2, 4><<<ctas, T, 0, st>>>(a, gs, tab);
+  else gemv_kernel<VEC, 1, 4><<<ctas, T, 0, st>>>(a, gs, tab);
+  check_launch();
+}
+
 // Runs a planned product on prepared arguments: a.y (M, N) is written; a.partial must hold
 // plan.workspace_floats(M) floats. The launcher the benchmarks time with their own buffers.
 inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
   const Tables& tab = tables();
+  if (p.fast && p.gemv(a.M)) {
+    if (p.gemv_vec == 16) launch_gemv<16>(a, device, st);
+    else launch_gemv<8>(a, device, st);
+    return;
+  }
   if (!p.fast) {
     small_m_generic_kernel<><<<p.ctas, kThreads, 0, st>>>(a, rnd, tab);
     check_launch();

@@ -9,6 +9,7 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "tests/cuda/gpu_test_util.hpp"
@@ -345,13 +346,17 @@ const std::vector<GemvCase> kGemvCases = {
 
 TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   TQ_REQUIRE_GPU();
+  // Both small-M kernels: the tensor-core one, then gemv_kernel (M ≤ 4, opted in per call).
+  for (const char* gemv : {"0", "1"})
   for (const GemvCase& c : kGemvCases) {
+    ::setenv("TQ_NF4_GEMV", gemv, 1);
     const NF4Tensor q = nf4_quantize(rnd({c.N, c.K}, c.wdt, -0.1, 0.1), {.double_quant = c.double_quant, .offset = std::nullopt});
     const NF4Tensor qd = q.to(kCuda);
-    for (int64_t M : {1, 3, 9, 16}) {
+    for (int64_t M : {1, 2, 3, 4, 9, 16}) {
       if (c.N * c.K > (int64_t(1) << 24) && M != 1) continue;  // the f64 host reference dominates
       for (bool with_bias : {false, true}) {
-        SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " M ", M, with_bias ? " bias" : "", " ", dtype_name(c.wdt)));
+        SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " M ", M, with_bias ? " bias" : "", " ", dtype_name(c.wdt),
+                             " TQ_NF4_GEMV=", gemv));
         Tensor x = rnd({M, c.K}, DType::bf16, -1.0, 1.0);
         Tensor bias = with_bias ? rnd({c.N}, DType::f32, -0.5, 0.5) : Tensor();
         poison_pool(size_t(M * c.N) * 8 * 64 + (1 << 20));
@@ -369,6 +374,7 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
       }
     }
   }
+  ::unsetenv("TQ_NF4_GEMV");
 }
 
 TEST(GpuNf4Linear, ForwardOnCudaMatchesTheCpuLayer) {
