@@ -19,7 +19,9 @@ cmake -S . -B build-dev -G Ninja -DTQ_CUDA=ON -DTQ_CUDA_ARCHITECTURES=90a -DTQ_T
 cmake --build build-dev -j "${TQ_JOBS:-$(nproc)}" --target ${TQ_TARGETS:-tq_tests tq_bench paligemma}
 rm -rf .dev
 mkdir -p .dev/bin .dev/lib
-cp build-dev/bin/tq_tests build-dev/bin/tq_bench build-dev/bin/paligemma .dev/bin/
+for b in tq_tests tq_bench paligemma; do  # a target never built (TQ_TARGETS) is left out
+  if [[ -f build-dev/bin/$b ]]; then cp build-dev/bin/$b .dev/bin/; fi
+done
 strip .dev/bin/*
 for lib in $(ldd .dev/bin/* | awk '/=> \// {print $3}' | sort -u); do
   case $(basename "$lib") in
