@@ -98,29 +98,11 @@ void time_op(benchmark::State& state, double bytes, const std::function<void()>&
 // in the figure), median of 9 graph launches. The same-size reference: a device-to-device copy of
 // `bytes` (half read, half written), over as many rotating buffers, timed the same way in the same
 // call (`vs_copy`); `of_copy` stays the fraction of BM_memcpy_d2d's 1 GiB copy.
-int sets_for(double input_bytes) {
-  return std::clamp(int((256.0 * (1 << 20)) / std::max(input_bytes, 1.0)) + 1, 2, 64);
-}
-
 void time_op_sets(benchmark::State& state, double bytes, int sets, const std::function<void(int)>& call) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
-  tq::cuda::Stream stream;
-  StreamGuard guard(DeviceType::cuda, stream);
-  for (int i = 0; i < sets; ++i) call(i);  // warm-up outside the capture
-  stream.synchronize();
-  const double t = tq::bench::graph_seconds_per_call(stream, sets, call);
+  const double t = tq::bench::graph_time(sets, call);
   const int64_t half = int64_t(bytes / 2) / 16 * 16;
-  std::vector<Tensor> src, dst;
-  for (int c = 0; c < sets; ++c) {
-    src.push_back(Tensor::empty({half}, DType::u8, kCuda));
-    dst.push_back(Tensor::empty({half}, DType::u8, kCuda));
-  }
-  auto copy = [&](int i) {
-    TQ_CUDA_CHECK(cudaMemcpyAsync(dst[size_t(i)].data_ptr(), src[size_t(i)].data_ptr(), size_t(half),
-                                  cudaMemcpyDeviceToDevice, tq::cuda::current_stream()));
-  };
-  for (int i = 0; i < sets; ++i) copy(i);
-  const double tc = tq::bench::graph_seconds_per_call(stream, sets, copy);
+  const double tc = tq::bench::copy_time(half, sets);
   for (auto _ : state) state.SetIterationTime(t);
   state.counters["GB/s"] = bytes / t / 1e9;
   state.counters["us"] = t * 1e6;
@@ -240,7 +222,7 @@ constexpr double kBf16 = 2, kF32 = 4;
 void BM_rms_norm_fwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4576, D = 2048;
-  const int sets = sets_for(kBf16 * double(rows * D));
+  const int sets = tq::bench::rotating_copies(kBf16 * double(rows * D));
   const std::vector<Tensor> x = random_sets(sets, {rows, D}, DType::bf16, 20);
   const Tensor w = random_device({D}, DType::f32, 21);
   time_op_sets(state, 2 * kBf16 * double(rows * D) + kF32 * double(D), sets,
@@ -251,7 +233,7 @@ void BM_rms_norm_fwd(benchmark::State& state) {
 void BM_rms_norm_bwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4576, D = 2048;
-  const int sets = sets_for(2 * kBf16 * double(rows * D));
+  const int sets = tq::bench::rotating_copies(2 * kBf16 * double(rows * D));
   const std::vector<Tensor> x = random_sets(sets, {rows, D}, DType::bf16, 22), g = random_sets(sets, {rows, D}, DType::bf16, 23);
   const Tensor w = random_device({D}, DType::f32, 24);
   time_op_sets(state, 3 * kBf16 * double(rows * D) + 2 * kF32 * double(D), sets, [&](int i) {
@@ -263,7 +245,7 @@ void BM_rms_norm_bwd(benchmark::State& state) {
 void BM_layer_norm_fwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4096, D = 1152;
-  const int sets = sets_for(kBf16 * double(rows * D));
+  const int sets = tq::bench::rotating_copies(kBf16 * double(rows * D));
   const std::vector<Tensor> x = random_sets(sets, {rows, D}, DType::bf16, 25);
   const Tensor w = random_device({D}, DType::bf16, 26), b = random_device({D}, DType::bf16, 27);
   time_op_sets(state, 2 * kBf16 * double(rows * D) + 2 * kBf16 * double(D), sets,
@@ -274,7 +256,7 @@ void BM_layer_norm_fwd(benchmark::State& state) {
 void BM_layer_norm_bwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4096, D = 1152;
-  const int sets = sets_for(2 * kBf16 * double(rows * D));
+  const int sets = tq::bench::rotating_copies(2 * kBf16 * double(rows * D));
   const std::vector<Tensor> x = random_sets(sets, {rows, D}, DType::bf16, 28), g = random_sets(sets, {rows, D}, DType::bf16, 29);
   const Tensor w = random_device({D}, DType::bf16, 30), b = random_device({D}, DType::bf16, 31);
   time_op_sets(state, 3 * kBf16 * double(rows * D) + 3 * kBf16 * double(D), sets, [&](int i) {
@@ -286,7 +268,7 @@ void BM_layer_norm_bwd(benchmark::State& state) {
 void BM_geglu_fwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4576, F = 16384;
-  const int sets = sets_for(2 * kBf16 * double(rows * F));
+  const int sets = tq::bench::rotating_copies(2 * kBf16 * double(rows * F));
   const std::vector<Tensor> gate = random_sets(sets, {rows, F}, DType::bf16, 32), up = random_sets(sets, {rows, F}, DType::bf16, 33);
   time_op_sets(state, 3 * kBf16 * double(rows * F), sets,
                [&](int i) { Tensor y = ops::geglu(gate[size_t(i)], up[size_t(i)]); });
@@ -296,7 +278,7 @@ void BM_geglu_fwd(benchmark::State& state) {
 void BM_geglu_bwd(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t rows = 4576, F = 16384;
-  const int sets = sets_for(3 * kBf16 * double(rows * F));
+  const int sets = tq::bench::rotating_copies(3 * kBf16 * double(rows * F));
   const std::vector<Tensor> gate = random_sets(sets, {rows, F}, DType::bf16, 34), up = random_sets(sets, {rows, F}, DType::bf16, 35);
   const std::vector<Tensor> g = random_sets(sets, {rows, F}, DType::bf16, 36);
   time_op_sets(state, 5 * kBf16 * double(rows * F), sets, [&](int i) {
@@ -308,7 +290,7 @@ void BM_geglu_bwd(benchmark::State& state) {
 void BM_rope(benchmark::State& state, bool backward) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t B = 16, H = 8, T = 286, D = 256;
-  const int sets = sets_for(kBf16 * double(B * H * T * D));
+  const int sets = tq::bench::rotating_copies(kBf16 * double(B * H * T * D));
   const std::vector<Tensor> x = random_sets(sets, {B, H, T, D}, DType::bf16, 37);
   const Tensor pos = (Tensor::arange(T, DType::i64).reshape({1, T}).expand({B, T}).contiguous() + 1.0).to(kCuda);
   time_op_sets(state, 2 * kBf16 * double(B * H * T * D) + 8.0 * double(B * T), sets, [&](int i) {

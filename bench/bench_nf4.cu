@@ -33,7 +33,6 @@ namespace {
 using namespace tq;
 
 const Device kCuda = Device::cuda(0);
-constexpr size_t kWorkingSet = size_t(256) << 20;  // bytes of weights one pass over the copies touches
 
 bool have_gpu() {
   static const int n = tq::cuda::device_count();
@@ -45,8 +44,6 @@ bool have_gpu() {
     const cublasStatus_t st_ = (expr);                                                      \
     TQ_CHECK(st_ == CUBLAS_STATUS_SUCCESS, "cuBLAS error ", int(st_), " in ", #expr);       \
   } while (0)
-
-int copies_for(size_t bytes) { return int(std::clamp<size_t>(kWorkingSet / std::max<size_t>(bytes, 1) + 1, 2, 512)); }
 
 Tensor random_device(const Shape& shape, DType dt, uint64_t offset, double std = 0.02) {
   return random_tensor(Distribution::normal, shape, 7, offset, 0.0, std, dt, kCuda);
@@ -64,17 +61,9 @@ size_t nf4_bytes(const NF4Tensor& q) {
   return q.packed.nbytes() + q.absmax.nbytes() + (q.nested_absmax.defined() ? q.nested_absmax.nbytes() : 0);
 }
 
-// Median seconds per call of `call(i)` (i = 0 .. reps-1), captured as one CUDA graph on a stream
-// that is current for tq ops while capturing, over kLaunches launches of the graph. Warm-up calls
-// run first, outside the capture.
+// Median seconds per call of `call(i)` (i = 0 .. reps-1) over kLaunches graph launches.
 constexpr int kLaunches = 9;
-double time_graph(int reps, const std::function<void(int)>& call) {
-  tq::cuda::Stream stream;
-  StreamGuard guard(DeviceType::cuda, stream);
-  for (int i = 0; i < reps; ++i) call(i);
-  stream.synchronize();
-  return tq::bench::graph_seconds_per_call(stream, reps, call, kLaunches);
-}
+double time_graph(int reps, const std::function<void(int)>& call) { return tq::bench::graph_time(reps, call, kLaunches); }
 
 // Reports `seconds` as every iteration's manual time.
 void report(benchmark::State& state, double seconds) {
@@ -88,7 +77,7 @@ void bm_dequantize(benchmark::State& state, DType out_dt, int64_t K, int64_t N) 
   const NF4Tensor q0 = nf4_quantize(random_device({N, K}, DType::bf16, 1));
   const size_t out_bytes = size_t(N * K) * dtype_size(out_dt);
   const double bytes = double(nf4_bytes(q0) + out_bytes);
-  const int copies = copies_for(nf4_bytes(q0) + out_bytes);
+  const int copies = tq::bench::rotating_copies(double(nf4_bytes(q0) + out_bytes));
   std::vector<NF4Tensor> qs;
   std::vector<Tensor> outs;
   for (int c = 0; c < copies; ++c) {
@@ -98,15 +87,7 @@ void bm_dequantize(benchmark::State& state, DType out_dt, int64_t K, int64_t N) 
   const double t = time_graph(copies, [&](int i) { nf4_dequantize_into(qs[size_t(i)], outs[size_t(i)]); });
   // A device-to-device copy moving as many bytes (half read, half written), over as many copies.
   const int64_t half = int64_t(bytes / 2) / 16 * 16;
-  std::vector<Tensor> src, dst;
-  for (int c = 0; c < copies; ++c) {
-    src.push_back(Tensor::empty({half}, DType::u8, kCuda));
-    dst.push_back(Tensor::empty({half}, DType::u8, kCuda));
-  }
-  const double tc = time_graph(copies, [&](int i) {
-    TQ_CUDA_CHECK(cudaMemcpyAsync(dst[size_t(i)].data_ptr(), src[size_t(i)].data_ptr(), size_t(half),
-                                  cudaMemcpyDeviceToDevice, tq::cuda::current_stream()));
-  });
+  const double tc = tq::bench::copy_time(half, copies);
   report(state, t);
   state.counters["GB/s"] = bytes / t * 1e-9;
   state.counters["copy_GB/s"] = 2.0 * double(half) / tc * 1e-9;
@@ -125,7 +106,7 @@ struct LinearTimes {
 LinearTimes time_linear(int64_t M, int64_t K, int64_t N, bool tensor_cores = false) {
   LinearTimes r;
   const NF4Tensor q0 = nf4_quantize(random_device({N, K}, DType::bf16, 2));
-  const int nq = copies_for(nf4_bytes(q0));
+  const int nq = tq::bench::rotating_copies(double(nf4_bytes(q0)));
   std::vector<NF4Tensor> qs;
   for (int c = 0; c < nq; ++c) qs.push_back(clone_nf4(q0));
   Tensor x = random_device({M, K}, DType::bf16, 3, 1.0);
@@ -157,7 +138,7 @@ LinearTimes time_linear(int64_t M, int64_t K, int64_t N, bool tensor_cores = fal
     });
   }
   // cuBLAS on bf16 weights: column-major C (N, M) = Wᵀ(K, N)ᵀ · x(K, M).
-  const int nw = copies_for(size_t(N * K) * 2);
+  const int nw = tq::bench::rotating_copies(double(size_t(N * K) * 2));
   std::vector<Tensor> ws;
   for (int c = 0; c < nw; ++c) ws.push_back(random_device({N, K}, DType::bf16, 10 + uint64_t(c)));
   cublasHandle_t h = nullptr;
