@@ -16,15 +16,15 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. For M ≤ 4 (decoding) gemv_kernel streams the codes
-//   on CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no
-//   workspace; opt-in with TQ_NF4_GEMV=1 until measured on the device); otherwise tensor-core mma (m16n8k16, bf16 in, fp32 accumulate)
-//   with the weight as the A operand (16 output rows) and x as B (up to 8 or 16 tokens): the codes
-//   enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16), each 64-block's fp32 scale
-//   multiplies that block's fp32 partial sum, the bias (rounded to bf16, as NF4Linear does) is
-//   added in fp32 and the output rounded once to bf16. Work is split stream-K style (every warp
-//   the same number of 64-block units); partial sums go through an fp32 workspace and are added in
-//   a fixed order: results are deterministic (no atomics).
+// - The fused product never materializes W. For M ≤ 4 (decoding) gemv_kernel streams the codes on
+//   CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no workspace;
+//   opt-in with TQ_NF4_GEMV=1 until measured on the device). Otherwise tensor-core mma (m16n8k16,
+//   bf16 in, fp32 accumulate) with the weight as the A operand (16 output rows) and x as B (up to 8
+//   or 16 tokens): the codes enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16),
+//   each 64-block's fp32 scale multiplies that block's fp32 partial sum, the bias (rounded to bf16,
+//   as NF4Linear does) is added in fp32 and the output rounded once to bf16. Work is split stream-K
+//   style (every warp the same number of 64-block units); partial sums go through an fp32 workspace
+//   and are added in a fixed order: results are deterministic (no atomics).
 // The kernels that are not otherwise templates are templates on an unused parameter: every
 // translation unit that includes this header may instantiate them (a plain __global__ definition
 // in a header is a duplicate symbol at link time).

@@ -266,9 +266,10 @@ TEST(Lora, MergeIntoAnNf4BaseMakesADenseBf16LinearWithoutRequantizing) {
     Tensor x = random({5, in}, DType::f32);
     const std::vector<double> before = l.forward(x).to_vector();
     // Reference: the bf16 weight NF4Linear multiplies with, plus the f64 update, rounded once to bf16.
-    const auto ref = ref_merged(nf4_dequantize(q, DType::bf16).to_vector<double>(), l.lora_A.to_vector(),
-                                l.lora_B.to_vector(), cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>(),
-                                in, out, r, cfg.scaling(), cfg.dora);
+    const std::vector<double> Wv = nf4_dequantize(q, DType::bf16).to_vector<double>(), Av = l.lora_A.to_vector(),
+                              Bv = l.lora_B.to_vector(),
+                              mag = cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>();
+    const auto ref = ref_merged(Wv, Av, Bv, mag, in, out, r, cfg.scaling(), cfg.dora);
     l.merge();
     auto* dense = dynamic_cast<nn::Linear*>(l.base.get());
     ASSERT_NE(dense, nullptr) << "the merged base is a dense Linear";
@@ -281,22 +282,22 @@ TEST(Lora, MergeIntoAnNf4BaseMakesADenseBf16LinearWithoutRequantizing) {
       for (double& e : v) e = std::abs(e);
       return v;
     };
-    const std::vector<double> Wv = nf4_dequantize(q, DType::bf16).to_vector<double>(), Av = l.lora_A.to_vector(),
-                              Bv = l.lora_B.to_vector();
     const auto terms = ref_merged(absv(Wv), absv(Av), absv(Bv), {}, in, out, r, cfg.scaling(), false);  // ≥ |W| + |ΔW|
-    const auto plain = ref_merged(Wv, Av, Bv, {}, in, out, r, cfg.scaling(), false);
+    std::vector<double> factor(size_t(out), 1.0);  // DoRA's row scale m / ‖W + ΔW‖
+    if (cfg.dora) {
+      const auto plain = ref_merged(Wv, Av, Bv, {}, in, out, r, cfg.scaling(), false);
+      for (size_t o = 0; o < size_t(out); ++o) {
+        double norm = 0;
+        for (size_t j = 0; j < size_t(in); ++j) norm += plain[o * size_t(in) + j] * plain[o * size_t(in) + j];
+        factor[o] = std::abs(mag[o]) / std::sqrt(norm);
+      }
+    }
     const std::vector<double> got = dense->weight.to_vector();
     int exact = 0;
     for (size_t i = 0; i < got.size(); ++i) {
-      const size_t o = i / size_t(in);
-      double factor = 1;  // DoRA's row scale m / ‖W + ΔW‖
-      if (cfg.dora) {
-        double norm = 0;
-        for (int64_t j = 0; j < in; ++j) norm += plain[o * size_t(in) + size_t(j)] * plain[o * size_t(in) + size_t(j)];
-        factor = std::abs(l.lora_magnitude_vector.to_vector()[o]) / std::sqrt(norm);
-      }
       const double r1 = double(float(bf16(float(ref[i]))));
-      EXPECT_LE(std::abs(got[i] - ref[i]), std::abs(ref[i]) / 128 + 4 * std::ldexp(terms[i] * factor, -24)) << i;
+      EXPECT_LE(std::abs(got[i] - ref[i]), std::abs(ref[i]) / 128 + 4 * std::ldexp(terms[i] * factor[i / size_t(in)], -24))
+          << i;
       exact += got[i] == r1;
     }
     EXPECT_GE(exact, int(got.size()) * 99 / 100);

@@ -43,8 +43,6 @@ Ref reference(const std::vector<double>& h, const std::vector<double>& w, const 
   Ref r;
   r.dh.assign(size_t(n * D), 0.0);
   r.dw.assign(size_t(V * D), 0.0);
-  r.dh_abs.assign(size_t(n * D), 0.0);
-  r.dw_abs.assign(size_t(V * D), 0.0);
   std::vector<double> y(static_cast<size_t>(V)), dy(static_cast<size_t>(V));
   for (int64_t i = 0; i < n; ++i) {
     if (t[size_t(i)] == ignore) continue;
@@ -151,7 +149,6 @@ Outcome run_unfused(const Tensor& h, const Tensor& w, const Tensor& targets, con
   return {loss, hl.grad(), wl.grad()};
 }
 
-// Every element within atol + rtol·|ref|, and the relative norm of the error within rtol.
 // Each element within rtol of max(|ref|, mag) (mag: the element's Σ|terms| where given) plus a
 // tenth of rtol·max|ref|, and the whole within rtol in norm.
 ::testing::AssertionResult near(const Tensor& got, const std::vector<double>& ref, double rtol,
