@@ -195,7 +195,7 @@ struct Registrar {
                                      [=](benchmark::State& st) { bm_dequantize(st, dt, K, N); })
             ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
       }
-    for (int64_t M : {1, 4, 16, 64})
+    for (int64_t M : {1, 2, 4, 16, 64})
       for (auto& kn : kShapes) {
         const int64_t K = kn[0], N = kn[1];
         benchmark::RegisterBenchmark(str_cat("nf4_linear/", M, "/", K, "/", N).c_str(),
@@ -203,7 +203,7 @@ struct Registrar {
             ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
       }
     // The tensor-core kernel where gemv_kernel takes over (M ≤ 4): what the split point rests on.
-    for (int64_t M : {1, 4})
+    for (int64_t M : {1, 2, 4})
       for (auto& kn : kShapes) {
         const int64_t K = kn[0], N = kn[1];
         benchmark::RegisterBenchmark(str_cat("nf4_linear_mma/", M, "/", K, "/", N).c_str(),

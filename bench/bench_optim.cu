@@ -66,36 +66,28 @@ struct Params {
   }
 };
 
-// Median seconds of one call over 9 launches of a graph of kReps calls (warm-up outside).
-double time_graph(const std::function<void()>& call, bool capture = true) {
+// Seconds per call: the median of 9 graph launches of kReps calls (bench_cuda_util.cuh), or, for
+// ops that read back to the host and so cannot be captured, the median wall time of kReps calls.
+double time_call(const std::function<void()>& call, bool capture = true) {
+  if (capture) return tq::bench::graph_time(kReps, [&](int) { call(); });
   tq::cuda::Stream stream;
   StreamGuard guard(DeviceType::cuda, stream);
   call();
   stream.synchronize();
   std::vector<double> v;
-  if (!capture) {  // ops that read back to the host cannot be captured: wall time per call
-    for (int it = 0; it < 9; ++it) {
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int r = 0; r < kReps; ++r) call();
-      stream.synchronize();
-      v.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kReps);
-    }
-  } else {
-    return tq::bench::graph_seconds_per_call(stream, kReps, [&](int) { call(); });
+  for (int it = 0; it < 9; ++it) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < kReps; ++r) call();
+    stream.synchronize();
+    v.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kReps);
   }
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-// Seconds of a device-to-device copy moving `bytes` in total (half read, half written).
-double copy_seconds(double bytes) {
-  const int64_t half = int64_t(bytes / 2) / 16 * 16;
-  Tensor src = Tensor::empty({half}, DType::u8, kCuda), dst = Tensor::empty({half}, DType::u8, kCuda);
-  return time_graph([&] {
-    TQ_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), size_t(half), cudaMemcpyDeviceToDevice,
-                                  tq::cuda::current_stream()));
-  });
-}
+// Seconds of a device-to-device copy moving `bytes` in total (half read, half written), timed as
+// the other benchmarks' vs_copy references are (two rotating buffer pairs: each far above the L2).
+double copy_seconds(double bytes) { return tq::bench::copy_time(int64_t(bytes / 2) / 16 * 16, 2); }
 
 void bm_adamw(benchmark::State& state, bool dora) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
@@ -103,7 +95,7 @@ void bm_adamw(benchmark::State& state, bool dora) {
   optim::ParamGroup a{.name = "A", .lr = 1e-4, .weight_decay = 1e-6}, b{.name = "B", .lr = 1.6e-3, .weight_decay = 1e-6};
   for (size_t i = 0; i < ps.p.size(); ++i) (i % 2 ? b : a).params.push_back(ps.p[i]);
   optim::AdamW opt({a, b});
-  const double t = time_graph([&] { opt.step(); });
+  const double t = time_call([&] { opt.step(); });
   const double bytes = 28.0 * double(ps.count);
   const double tc = copy_seconds(bytes);
   for (auto _ : state) state.SetIterationTime(t);
@@ -118,7 +110,7 @@ void bm_adamw(benchmark::State& state, bool dora) {
 void bm_clip(benchmark::State& state, bool dora) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   Params ps(dora);
-  const double t = time_graph([&] { optim::clip_grad_norm(ps.p, 1e9); }, false);
+  const double t = time_call([&] { optim::clip_grad_norm(ps.p, 1e9); }, false);
   const double bytes = 8.0 * double(ps.count);  // each gradient read and written once
   for (auto _ : state) state.SetIterationTime(t);
   state.counters["GB/s"] = bytes / t * 1e-9;

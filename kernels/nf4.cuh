@@ -539,133 +539,166 @@ __global__ void small_m_reduce_kernel(SmallMArgs a) {
 
 // ---- the bandwidth-bound product for M ≤ kGemvMaxRows (decoding one to four sequences) ----
 //
-// At M = 1 the product is a stream of the packed codes: the kernel's job is to keep enough of them
-// in flight (a row's codes are read as contiguous VEC-byte chunks, 8 per lane issued before any is
-// used) and to spend few instructions per code (one table lookup per byte, two FMAs per element
-// and token on CUDA cores: no tensor-core fragments whose rows must share a 64-block). A group of
-// G lanes owns R consecutive rows; lane `sub` of the group reads chunks sub, sub + G, ... of each
-// row (so the R rows share each x chunk it loads), and the group's partial sums meet in a fixed
-// shuffle tree: deterministic, no workspace, one launch. Arithmetic as the tensor-core path: codes
-// as bf16, each chunk's fp32 sum times its 64-block's fp32 scale (a chunk of 16 or 32 elements
-// starting at a multiple of its size lies in one 64-block), bias rounded to bf16, one rounding.
+// At M = 1 the product is a stream of the packed codes, so the kernel is built around keeping HBM
+// busy while the same warps decode: a persistent grid (as many CTAs as stay resident), each warp
+// walking its items (a row group × a batch of chunks) with the next item's code and scale loads
+// issued before the current item is decoded (register double buffering: 32 bytes of codes per lane
+// in flight while 32 are consumed), and the CTA's first loads issued before it builds its lookup
+// table. Decoding spends few instructions per code: one table lookup per byte (bf16 pair), two FMAs
+// per element and token on CUDA cores. A group of G lanes owns R consecutive rows; lane `sub` of the
+// group reads chunks sub, sub + G, ... of each row (the R rows share each x chunk it loads), and the
+// group's partial sums meet in a fixed shuffle tree: deterministic, no workspace, one launch.
+// Arithmetic as the tensor-core path: codes as bf16, each chunk's fp32 sum times its 64-block's
+// fp32 scale (a chunk of 16 or 32 elements starting at a multiple of its size lies in one 64-block),
+// bias rounded to bf16, one rounding.
 constexpr int kGemvMaxRows = 4;
 constexpr int kGemvWarps = 8;
+constexpr int kGemvCtasPerSm = 3;  // the occupancy __launch_bounds__ asks for (32 KB table + ≤ 85 registers)
 
 struct GemvShape {
   int G;             // lanes per row group (1 .. 32, a power of two)
   int64_t C;         // VEC-byte chunks per row: K / (2·VEC)
   int64_t groups;    // ceil(N / R)
+  int64_t batches;   // items per group: ceil(ceil(C / G) / D)
+};
+
+template <int VEC, int R>
+struct GemvBatch {
+  static constexpr int D = (VEC == 16 ? 2 : 4) / R;  // chunks of each row per item: 32 code bytes per lane
+  uint32_t code[D][R][VEC / 4];
+  RawScale raw[D][R];
 };
 
 template <int VEC, int R, int MM>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
   static_assert(VEC == 8 || VEC == 16, "8- or 16-byte code chunks");
-  constexpr int D = 8 / R;        // chunks of each row in flight per lane: R·D loads issued together
-  constexpr int W = VEC / 4;      // 32-bit code words per chunk
+  using Batch = GemvBatch<VEC, R>;
+  constexpr int D = Batch::D;
+  constexpr int W = VEC / 4;  // 32-bit code words per chunk
   using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
   __shared__ uint32_t pair[256 * 32];
   __shared__ uint32_t pair_of_byte[256];
   __shared__ float dyn[256];
-  build_pair_table(pair, pair_of_byte, dyn, tab);
-  const uint32_t* my_pair = pair + (threadIdx.x & 31);
 
   const int lane = int(threadIdx.x & 31), G = gs.G, sub = lane % G;
   const int per_warp = 32 / G;
-  const int64_t K = a.K, N = a.N, C = gs.C;
-  const int64_t iters = (C + G - 1) / G;
-  const int64_t warp = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  const int64_t warps = int64_t(gridDim.x) * kGemvWarps;
-  // Warp-uniform trips (a group past the end computes zeros and stores nothing), so the shuffles
-  // below always have all 32 lanes.
-  for (int64_t q0 = warp * per_warp; q0 < gs.groups; q0 += warps * per_warp) {
-    const int64_t q = q0 + lane / G;
-    const int64_t n0 = q * R;
-    float acc[R][MM];
+  const int64_t K = a.K, N = a.N, C = gs.C, B = gs.batches;
+  // Warp-uniform walk: the warp's first group q0 advances by the grid's group slots; lanes whose
+  // group is past the end load zeros and store nothing, so the shuffles always have all 32 lanes.
+  const int64_t stride = int64_t(gridDim.x) * kGemvWarps * per_warp;
+  int64_t q0 = (int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * per_warp;
+  int64_t b = 0;
+
+  // Codes and raw scales of item (group q0 + lane / G, batch bb) (zeros past the row, the rows or the groups).
+  auto fetch = [&](int64_t qq0, int64_t bb, Batch& t) {
+    const int64_t q = qq0 + lane / G;
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+    for (int d = 0; d < D; ++d) {
+      const int64_t c = sub + (bb * D + d) * G;
 #pragma unroll
-      for (int m = 0; m < MM; ++m) acc[r][m] = 0.0f;
-    for (int64_t it0 = 0; it0 < iters; it0 += D) {
-      uint32_t code[D][R][W];
-      RawScale raw[D][R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = q * R + r;
+        t.raw[d][r] = RawScale{0u, 0.0f};
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
-        const int64_t c = sub + (it0 + d) * G;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t n = n0 + r;
-          raw[d][r] = RawScale{0u, 0.0f};
-#pragma unroll
-          for (int w = 0; w < W; ++w) code[d][r][w] = 0u;
-          if (c < C && q < gs.groups && n < N) {
-            const Chunk v = __ldcs(reinterpret_cast<const Chunk*>(a.packed + n * (K / 2) + c * VEC));
-            if constexpr (VEC == 16) code[d][r][0] = v.x, code[d][r][1] = v.y, code[d][r][2] = v.z, code[d][r][3] = v.w;
-            else code[d][r][0] = v.x, code[d][r][1] = v.y;
-            raw[d][r] = load_scale(a.sc, (n * K + c * 2 * VEC) >> 6);
-          }
+        for (int w = 0; w < W; ++w) t.code[d][r][w] = 0u;
+        if (c < C && q < gs.groups && n < N) {
+          const Chunk v = __ldcs(reinterpret_cast<const Chunk*>(a.packed + n * (K / 2) + c * VEC));
+          if constexpr (VEC == 16) t.code[d][r][0] = v.x, t.code[d][r][1] = v.y, t.code[d][r][2] = v.z, t.code[d][r][3] = v.w;
+          else t.code[d][r][0] = v.x, t.code[d][r][1] = v.y;
+          t.raw[d][r] = load_scale(a.sc, (n * K + c * 2 * VEC) >> 6);
         }
       }
+    }
+  };
+
+  float acc[R][MM];
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
-        const int64_t c = sub + (it0 + d) * G;
-        if (c >= C) break;
-        // x[m][2VEC·c .. 2VEC·c + 2VEC) as bf16 pairs: word j holds the elements of code byte j
-        // (zeros for tokens past M).
-        uint32_t xw[MM][VEC];
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MM; ++m) acc[r][m] = 0.0f;
+
+  // Decodes item (q0, b) from `cur` after issuing the loads of the next item into `nxt`; at a group's
+  // last batch, reduces and stores its rows. False once the warp has no item left.
+  auto step = [&](const Batch& cur, Batch& nxt, const uint32_t* my_pair) -> bool {
+    if (q0 >= gs.groups) return false;
+    int64_t nq0 = q0, nb = b + 1;
+    if (nb == B) nb = 0, nq0 += stride;
+    if (nq0 < gs.groups) fetch(nq0, nb, nxt);
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int64_t c = sub + (b * D + d) * G;
+      if (c >= C) break;
+      float s[R][MM];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MM; ++m) s[r][m] = 0.0f;
+#pragma unroll
+      for (int v = 0; v < W; ++v) {  // code word v: bytes 4v .. 4v + 3
+        // x[m][2VEC·c + 8v .. + 8) as bf16 pairs: word i holds the elements of code byte 4v + i.
+        uint4 xv[MM];
 #pragma unroll
         for (int m = 0; m < MM; ++m) {
-#pragma unroll
-          for (int v = 0; v < W; ++v) {
-            uint4 xv = make_uint4(0u, 0u, 0u, 0u);
-            if (m < a.M) xv = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
-            xw[m][4 * v] = xv.x, xw[m][4 * v + 1] = xv.y, xw[m][4 * v + 2] = xv.z, xw[m][4 * v + 3] = xv.w;
-          }
+          xv[m] = make_uint4(0u, 0u, 0u, 0u);
+          if (m < a.M) xv[m] = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
         }
-        float s[R][MM];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int m = 0; m < MM; ++m) s[r][m] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {  // byte j: elements 2j (high nibble), 2j + 1
+        for (int i = 0; i < 4; ++i) {  // byte 4v + i: elements 2(4v + i) (high nibble), 2(4v + i) + 1
           float x0[MM], x1[MM];
 #pragma unroll
           for (int m = 0; m < MM; ++m) {
-            x0[m] = __uint_as_float(xw[m][j] << 16);
-            x1[m] = __uint_as_float(xw[m][j] & 0xFFFF0000u);
+            const uint32_t xw = i == 0 ? xv[m].x : i == 1 ? xv[m].y : i == 2 ? xv[m].z : xv[m].w;
+            x0[m] = __uint_as_float(xw << 16);
+            x1[m] = __uint_as_float(xw & 0xFFFF0000u);
           }
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint32_t p = my_pair[((code[d][r][j >> 2] >> (8 * (j & 3))) & 0xFFu) << 5];
+            const uint32_t p = my_pair[__byte_perm(cur.code[d][r][v], 0u, 0x4440u + i) << 5];
             const float w0 = __uint_as_float(p << 16), w1 = __uint_as_float(p & 0xFFFF0000u);
 #pragma unroll
             for (int m = 0; m < MM; ++m) s[r][m] = fmaf(w1, x1[m], fmaf(w0, x0[m], s[r][m]));
           }
         }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float am = finish_scale(a.sc, dyn, raw[d][r]);
-#pragma unroll
-          for (int m = 0; m < MM; ++m) acc[r][m] = fmaf(am, s[r][m], acc[r][m]);
-        }
       }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MM; ++m)
-        for (int o = G >> 1; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-    if (sub == 0 && q < gs.groups) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int64_t n = n0 + r;
-        if (n >= N) break;
-        const float b = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
+        const float am = finish_scale(a.sc, dyn, cur.raw[d][r]);
 #pragma unroll
-        for (int m = 0; m < MM; ++m)
-          if (m < a.M) a.y[int64_t(m) * N + n] = __float2bfloat16_rn(acc[r][m] + b);
+        for (int m = 0; m < MM; ++m) acc[r][m] = fmaf(am, s[r][m], acc[r][m]);
       }
     }
+    if (b == B - 1) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+          for (int o = G >> 1; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+      const int64_t q = q0 + lane / G;
+      if (sub == 0 && q < gs.groups) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int64_t n = q * R + r;
+          if (n >= N) break;
+          const float bias = a.bias ? __bfloat162float(a.bias[n]) : 0.0f;
+#pragma unroll
+          for (int m = 0; m < MM; ++m)
+            if (m < a.M) a.y[int64_t(m) * N + n] = __float2bfloat16_rn(acc[r][m] + bias);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MM; ++m) acc[r][m] = 0.0f;
+    }
+    q0 = nq0, b = nb;
+    return true;
+  };
+
+  Batch x0, x1;
+  if (q0 < gs.groups) fetch(q0, 0, x0);  // in flight while the table is built
+  build_pair_table(pair, pair_of_byte, dyn, tab);
+  const uint32_t* my_pair = pair + lane;
+  while (step(x0, x1, my_pair) && step(x1, x0, my_pair)) {
   }
 }
 
@@ -883,9 +916,11 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
 }
 
 // gemv_kernel's shape and launch for M ≤ kGemvMaxRows. Lanes per row G: the largest power of two
-// that keeps ≥ 85 % of the lanes busy on the row's chunks (C = 36 at K = 1152: 8 lanes × 5 chunks);
-// rows per group R: 4 when each lane has at most two chunks of a row (short rows share x loads
-// over more rows), else 2 (a lane's 8 loads in flight cover 4 chunks of each row) ...
+// that keeps ≥ 85 % of the lanes busy on the row's chunks (C = 36 at K = 1152: 8 lanes × 5 chunks).
+// Rows per group R: 2 (the x chunk a lane loads serves both rows), 1 where that would leave fewer
+// than two warps per SM scheduler (K = 16384, N = 2048: latency wants the warps more than x wants
+// the reuse), and 1 for M > 2 (registers). The grid is persistent: at most the CTAs that stay
+// resident (kGemvCtasPerSm per SM), each walking the groups grid-stride.
 template <int VEC>
 inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   GemvShape gs{};
@@ -900,25 +935,22 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   }
   const int64_t iters = (gs.C + gs.G - 1) / gs.G;
   const int64_t sms = sm_count(device);
-  auto ctas_for = [&](int r) {
+  auto warps_for = [&](int r) {
     const int64_t groups = (a.N + r - 1) / r;
-    const int64_t warps = (groups + (32 / gs.G) - 1) / (32 / gs.G);
-    return (warps + kGemvWarps - 1) / kGemvWarps;
+    return (groups + (32 / gs.G) - 1) / (32 / gs.G);
   };
-  // ... and fewer rows per group (down to 1) while that leaves under two CTAs per SM: latency wants
-  // the warps more than x wants the reuse (K = 16384, N = 2048: 256 CTAs of one row per group).
-  int R = a.M == 1 && iters <= 2 ? 4 : 2;
-  while (R > 1 && ctas_for(R) < 2 * sms) R /= 2;
+  const int R = a.M <= 2 && warps_for(2) >= 8 * sms ? 2 : 1;
   gs.groups = (a.N + R - 1) / R;
-  const unsigned ctas = unsigned(std::min<int64_t>(ctas_for(R), sms * 4));
+  const int D = GemvBatch<VEC, 1>::D / R;
+  gs.batches = (iters + D - 1) / D;
+  const unsigned ctas =
+      unsigned(std::min<int64_t>((warps_for(R) + kGemvWarps - 1) / kGemvWarps, sms * kGemvCtasPerSm));
   const Tables& tab = tables();
   constexpr int T = kGemvWarps * 32;
-  if (a.M == 1 && R == 4) gemv_kernel<VEC, 4, 1><<<ctas, T, 0, st>>>(a, gs, tab);
-  else if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
+  if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 1) gemv_kernel<VEC, 1, 1><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 2 && R == 2) gemv_kernel<VEC, 2, 2><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 2) gemv_kernel<VEC, 1, 2><<<ctas, T, 0, st>>>(a, gs, tab);
-  else if (R == 2) gemv_kernel<VEC, 2, 4><<<ctas, T, 0, st>>>(a, gs, tab);
   else gemv_kernel<VEC, 1, 4><<<ctas, T, 0, st>>>(a, gs, tab);
   check_launch();
 }
