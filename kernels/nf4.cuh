@@ -16,9 +16,9 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. For M ≤ 4 (decoding) gemv_kernel streams the codes on
-//   CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no workspace;
-//   opt-in with TQ_NF4_GEMV=1 until measured on the device). Otherwise tensor-core mma (m16n8k16,
+// - The fused product never materializes W. At M = 1 (decoding one sequence) gemv_kernel streams the
+//   codes on CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no
+//   workspace; TQ_NF4_GEMV=0/1 moves the split, see gemv_default_max_rows). Otherwise tensor-core mma (m16n8k16,
 //   bf16 in, fp32 accumulate) with the weight as the A operand (16 output rows) and x as B (up to 8
 //   or 16 tokens): the codes enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16),
 //   each 64-block's fp32 scale multiplies that block's fp32 partial sum, the bias (rounded to bf16,
@@ -542,8 +542,8 @@ __global__ void small_m_reduce_kernel(SmallMArgs a) {
 // At M = 1 the product is a stream of the packed codes, so the kernel is built around keeping HBM
 // busy while the same warps decode: a persistent grid (as many CTAs as stay resident), each warp
 // walking its items (a row group × a batch of chunks) with the next item's code and scale loads
-// issued before the current item is decoded (register double buffering: 32 bytes of codes per lane
-// in flight while 32 are consumed), and the CTA's first loads issued before it builds its lookup
+// issued before the current item is decoded (register double buffering: 32 or 64 bytes of codes per lane
+// in flight while 64 are consumed), and the CTA's first loads issued before it builds its lookup
 // table. Decoding spends few instructions per code: one table lookup per byte (bf16 pair), two FMAs
 // per element and token on CUDA cores. A group of G lanes owns R consecutive rows; lane `sub` of the
 // group reads chunks sub, sub + G, ... of each row (the R rows share each x chunk it loads), and the
@@ -553,7 +553,6 @@ __global__ void small_m_reduce_kernel(SmallMArgs a) {
 // bias rounded to bf16, one rounding.
 constexpr int kGemvMaxRows = 4;
 constexpr int kGemvWarps = 8;
-constexpr int kGemvCtasPerSm = 3;  // the occupancy __launch_bounds__ asks for (32 KB table + ≤ 85 registers)
 
 struct GemvShape {
   int G;             // lanes per row group (1 .. 32, a power of two)
@@ -562,17 +561,31 @@ struct GemvShape {
   int64_t batches;   // items per group: ceil(ceil(C / G) / D)
 };
 
-template <int VEC, int R>
+// The shared-memory slot of x's 16-byte word w (8 elements; W words per code chunk): the low bits
+// (the word within its chunk) XOR bits 3.. of w, so the 8 lanes of a 16-byte-access phase, which read
+// the same word of 8 consecutive chunks, meet 8 distinct 16-byte bank groups.
+template <int W>
+__device__ __forceinline__ uint32_t gemv_x_slot(uint32_t w) {
+  return w ^ ((w >> 3) & uint32_t(W - 1));
+}
+
+template <int VEC, int R, int BYTES>
 struct GemvBatch {
-  static constexpr int D = (VEC == 16 ? 2 : 4) / R;  // chunks of each row per item: 32 code bytes per lane
+  static constexpr int D = BYTES / VEC / R;  // chunks of each row per item: BYTES code bytes per lane
   uint32_t code[D][R][VEC / 4];
   RawScale raw[D][R];
 };
 
-template <int VEC, int R, int MM>
-__global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
+// BYTES: code bytes per lane and item, 32 (3 CTAs per SM: ≤ 80 registers) or 64 (2 CTAs per SM).
+// XS (M = 1): x staged once per CTA in dynamic shared memory (swizzled so that a warp's 16-byte
+// reads of its lanes' chunks are free of bank conflicts) instead of read from L1 per chunk.
+template <int VEC, int R, int MM, int BYTES = 32, bool XS = false>
+__global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
   static_assert(VEC == 8 || VEC == 16, "8- or 16-byte code chunks");
-  using Batch = GemvBatch<VEC, R>;
+  static_assert(!XS || MM == 1, "x in shared memory at M = 1");
+  extern __shared__ uint4 xs[];
+  static_assert(BYTES == 32 || BYTES == 64, "32 or 64 code bytes per lane and item");
+  using Batch = GemvBatch<VEC, R, BYTES>;
   constexpr int D = Batch::D;
   constexpr int W = VEC / 4;  // 32-bit code words per chunk
   using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
@@ -619,7 +632,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(S
 
   // Decodes item (q0, b) from `cur` after issuing the loads of the next item into `nxt`; at a group's
   // last batch, reduces and stores its rows. False once the warp has no item left.
-  auto step = [&](const Batch& cur, Batch& nxt, const uint32_t* my_pair) -> bool {
+  auto step = [&](const Batch& cur, Batch& nxt, uint32_t lane_pair) -> bool {
     if (q0 >= gs.groups) return false;
     int64_t nq0 = q0, nb = b + 1;
     if (nb == B) nb = 0, nq0 += stride;
@@ -637,10 +650,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(S
       for (int v = 0; v < W; ++v) {  // code word v: bytes 4v .. 4v + 3
         // x[m][2VEC·c + 8v .. + 8) as bf16 pairs: word i holds the elements of code byte 4v + i.
         uint4 xv[MM];
+        if constexpr (XS) {
+          xv[0] = xs[gemv_x_slot<W>(uint32_t(c) * W + v)];
+        } else {
 #pragma unroll
-        for (int m = 0; m < MM; ++m) {
-          xv[m] = make_uint4(0u, 0u, 0u, 0u);
-          if (m < a.M) xv[m] = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
+          for (int m = 0; m < MM; ++m) {
+            xv[m] = make_uint4(0u, 0u, 0u, 0u);
+            if (m < a.M) xv[m] = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
+          }
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // byte 4v + i: elements 2(4v + i) (high nibble), 2(4v + i) + 1
@@ -653,7 +670,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(S
           }
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint32_t p = my_pair[__byte_perm(cur.code[d][r][v], 0u, 0x4440u + i) << 5];
+            // pair[byte · 32 + lane] at lane_pair + byte · 128: one PRMT, one LEA, one LDS.
+            uint32_t p;
+            asm volatile("ld.shared.u32 %0, [%1];"
+                         : "=r"(p)
+                         : "r"(lane_pair + (__byte_perm(cur.code[d][r][v], 0u, 0x4440u + i) << 7)));
             const float w0 = __uint_as_float(p << 16), w1 = __uint_as_float(p & 0xFFFF0000u);
 #pragma unroll
             for (int m = 0; m < MM; ++m) s[r][m] = fmaf(w1, x1[m], fmaf(w0, x0[m], s[r][m]));
@@ -696,9 +717,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm) gemv_kernel(S
 
   Batch x0, x1;
   if (q0 < gs.groups) fetch(q0, 0, x0);  // in flight while the table is built
+  if constexpr (XS) {  // visible after build_pair_table's barriers
+    const uint32_t words = uint32_t(K / 8);
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x)
+      xs[gemv_x_slot<W>(w)] = __ldg(reinterpret_cast<const uint4*>(a.x) + w);
+  }
   build_pair_table(pair, pair_of_byte, dyn, tab);
-  const uint32_t* my_pair = pair + lane;
-  while (step(x0, x1, my_pair) && step(x1, x0, my_pair)) {
+  // The lane's replica as a 32-bit shared-window address (indexing `pair` from C++ cost two more
+  // integer ops per lookup: the shift by 5 and the OR of the lane).
+  const uint32_t lane_pair = uint32_t(__cvta_generic_to_shared(pair)) + 4u * uint32_t(lane);
+  while (step(x0, x1, lane_pair) && step(x1, x0, lane_pair)) {
   }
 }
 
@@ -870,13 +898,15 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
 
 // How one small-M product runs: the tensor-core kernel's stream-K decomposition (fast), or the
 // general warp-per-row kernel.
-// Whether NF4Linear routes M ≤ kGemvMaxRows to gemv_kernel: TQ_NF4_GEMV=1 in the environment
-// (read per call). Off by default until its GPU tests and benchmark have run on the device: the
-// kernel is new and its indexing is checked only by a host emulation so far; the tensor-core path
-// is the measured default. The benchmarks time both paths regardless.
+// The M up to which NF4Linear routes to gemv_kernel: 1 by default, measured (bench/RESULTS.md,
+// 2026-12-05: at M = 1 gemv_kernel beats the tensor-core kernel on every decode shape, 1.10× vs
+// 0.88× cuBLAS in geometric mean; at M = 2 it loses, 0.82× vs 0.88×). TQ_NF4_GEMV=0 routes every M
+// to the tensor-core kernel, TQ_NF4_GEMV=1 every M ≤ kGemvMaxRows to gemv_kernel (read per call).
 inline int gemv_default_max_rows() {
   const char* v = std::getenv("TQ_NF4_GEMV");
-  return v != nullptr && v[0] == '1' ? kGemvMaxRows : 0;
+  if (v != nullptr && v[0] == '0') return 0;
+  if (v != nullptr && v[0] == '1') return kGemvMaxRows;
+  return 1;
 }
 
 struct SmallMPlan {
@@ -920,7 +950,7 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
 // Rows per group R: 2 (the x chunk a lane loads serves both rows), 1 where that would leave fewer
 // than two warps per SM scheduler (K = 16384, N = 2048: latency wants the warps more than x wants
 // the reuse), and 1 for M > 2 (registers). The grid is persistent: at most the CTAs that stay
-// resident (kGemvCtasPerSm per SM), each walking the groups grid-stride.
+// resident (3 per SM, 2 at 64 bytes per item), each walking the groups grid-stride.
 template <int VEC>
 inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   GemvShape gs{};
@@ -940,14 +970,34 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
     return (groups + (32 / gs.G) - 1) / (32 / gs.G);
   };
   const int R = a.M <= 2 && warps_for(2) >= 8 * sms ? 2 : 1;
+  // Code bytes per lane and item: 64 at M = 1 (half the per-item overhead, 2 CTAs per SM: 4-12 %
+  // faster than 32 at 3 CTAs per SM on every decode shape), else 32 (registers). TQ_NF4_GEMV_BYTES=32
+  // selects 32 at M = 1 too (the benchmark's comparison).
+  const char* ev = std::getenv("TQ_NF4_GEMV_BYTES");
+  const int bytes = a.M == 1 && !(ev != nullptr && std::atoi(ev) == 32) ? 64 : 32;
+  const int ctas_per_sm = bytes == 64 ? 2 : 3;
   gs.groups = (a.N + R - 1) / R;
-  const int D = GemvBatch<VEC, 1>::D / R;
+  const int64_t D = bytes / VEC / R;
   gs.batches = (iters + D - 1) / D;
   const unsigned ctas =
-      unsigned(std::min<int64_t>((warps_for(R) + kGemvWarps - 1) / kGemvWarps, sms * kGemvCtasPerSm));
+      unsigned(std::min<int64_t>((warps_for(R) + kGemvWarps - 1) / kGemvWarps, sms * ctas_per_sm));
   const Tables& tab = tables();
   constexpr int T = kGemvWarps * 32;
-  if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
+  // TQ_NF4_GEMV_X=smem (M = 1): x staged in shared memory, not read from L1 per chunk. Opt-in:
+  // 1.21× vs 1.10× cuBLAS in geometric mean on the H100 (bench/RESULTS.md, 2026-12-06), but the
+  // one GPU test run with it on had GpuNf4Linear.FusedSmallM fail (details lost; not yet rerun).
+  const char* xe = std::getenv("TQ_NF4_GEMV_X");
+  const size_t xbytes = size_t(a.K) * 2;
+  const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && xe != nullptr && xe[0] == 's';
+  auto allow = [&](auto kernel) {  // more than 48 KB of shared memory in all needs the opt-in
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+    return kernel;
+  };
+  if (xsmem && R == 2) allow(gemv_kernel<VEC, 2, 1, 64, true>)<<<ctas, T, xbytes, st>>>(a, gs, tab);
+  else if (xsmem) allow(gemv_kernel<VEC, 1, 1, 64, true>)<<<ctas, T, xbytes, st>>>(a, gs, tab);
+  else if (a.M == 1 && R == 2 && bytes == 64) gemv_kernel<VEC, 2, 1, 64><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 1 && bytes == 64) gemv_kernel<VEC, 1, 1, 64><<<ctas, T, 0, st>>>(a, gs, tab);
+  else if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 1) gemv_kernel<VEC, 1, 1><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 2 && R == 2) gemv_kernel<VEC, 2, 2><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 2) gemv_kernel<VEC, 1, 2><<<ctas, T, 0, st>>>(a, gs, tab);
