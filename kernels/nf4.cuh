@@ -33,8 +33,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
 #include <cfloat>
 #include <cstdlib>
+#include <mutex>
 #include <numeric>
 
 #include "kernels/copy.cuh"
@@ -951,6 +953,18 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
 // than two warps per SM scheduler (K = 16384, N = 2048: latency wants the warps more than x wants
 // the reuse), and 1 for M > 2 (registers). The grid is persistent: at most the CTAs that stay
 // resident (3 per SM, 2 at 64 bytes per item), each walking the groups grid-stride.
+// A gemv_kernel with x in shared memory, opted into 64 KB of dynamic shared memory on `device`
+// (more than 48 KB in all needs it) once per kernel and device, not per launch: this runs for every
+// projection of every decoded token.
+template <auto Kernel>
+inline auto gemv_x_smem_kernel(int device) {
+  static std::array<std::once_flag, kMaxDevices> once;
+  std::call_once(once[size_t(device)], [] {
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+  });
+  return Kernel;
+}
+
 template <int VEC>
 inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   GemvShape gs{};
@@ -989,12 +1003,8 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   const char* xe = std::getenv("TQ_NF4_GEMV_X");
   const size_t xbytes = size_t(a.K) * 2;
   const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && !(xe != nullptr && xe[0] == 'g');
-  auto allow = [&](auto kernel) {  // more than 48 KB of shared memory in all needs the opt-in
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
-    return kernel;
-  };
-  if (xsmem && R == 2) allow(gemv_kernel<VEC, 2, 1, 64, true>)<<<ctas, T, xbytes, st>>>(a, gs, tab);
-  else if (xsmem) allow(gemv_kernel<VEC, 1, 1, 64, true>)<<<ctas, T, xbytes, st>>>(a, gs, tab);
+  if (xsmem && R == 2) gemv_x_smem_kernel<gemv_kernel<VEC, 2, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);
+  else if (xsmem) gemv_x_smem_kernel<gemv_kernel<VEC, 1, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);
   else if (a.M == 1 && R == 2 && bytes == 64) gemv_kernel<VEC, 2, 1, 64><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 1 && bytes == 64) gemv_kernel<VEC, 1, 1, 64><<<ctas, T, 0, st>>>(a, gs, tab);
   else if (a.M == 1 && R == 2) gemv_kernel<VEC, 2, 1><<<ctas, T, 0, st>>>(a, gs, tab);
