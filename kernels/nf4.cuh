@@ -563,12 +563,34 @@ struct GemvShape {
   int64_t batches;   // items per group: ceil(ceil(C / G) / D)
 };
 
-// The shared-memory slot of x's 16-byte word w (8 elements; W words per code chunk): the low bits
-// (the word within its chunk) XOR bits 3.. of w, so the 8 lanes of a 16-byte-access phase, which read
-// the same word of 8 consecutive chunks, meet 8 distinct 16-byte bank groups.
-template <int W>
-__device__ __forceinline__ uint32_t gemv_x_slot(uint32_t w) {
-  return w ^ ((w >> 3) & uint32_t(W - 1));
+// The shared-memory slot of x's 16-byte word w (8 elements): one 16-byte pad after every 8 words, so
+// that the 8 lanes of a 16-byte-access phase, which read the same word v of 8 consecutive chunks
+// (W = 2 or 4 words each), meet 8 distinct 16-byte bank groups ((W·c + c·W/8 + v) mod 8 is a
+// permutation of c mod 8), and word v of a chunk is an immediate offset from the chunk's first word
+// (W·c + v never crosses a multiple of 8 that W·c does not).
+__device__ __forceinline__ uint32_t gemv_x_slot(uint32_t w) { return w + (w >> 3); }
+// The 16-byte slots x needs in shared memory for K elements.
+inline size_t gemv_x_slots(int64_t K) { return size_t(K / 8 + (K / 8 + 7) / 8); }
+
+// The f32 pair table of the x-in-shared-memory path: pairf[byte · 16 + r] = {bf16(NF4[byte >> 4]),
+// bf16(NF4[byte & 15])} as two floats (the element first in memory first), replicated 16 times so
+// that the 16 lanes of a 64-bit access phase (lanes l and l + 16 share replica l mod 16) hit
+// distinct bank pairs (32 KB, the same as the bf16 table). One ld.shared.v2 yields both factors of
+// a byte's two FMAs: no unpacking. Built by the first 256 threads (one byte each into `stage`, then
+// consecutive 16-byte stores: conflict-free), ends with a barrier.
+__device__ __forceinline__ void build_pair_table_f32(float2* pairf, float2* stage, float* dyn, const Tables& tab) {
+  if (threadIdx.x < 256) {
+    const int byte = int(threadIdx.x);
+    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
+                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
+    dyn[byte] = tab.dyn[byte];
+  }
+  __syncthreads();
+  for (int f = threadIdx.x; f < 256 * 8; f += blockDim.x) {  // float4 f holds replicas 2(f % 8), +1 of byte f / 8
+    const float2 v = stage[f >> 3];
+    reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
+  }
+  __syncthreads();
 }
 
 template <int VEC, int R, int BYTES>
@@ -579,8 +601,10 @@ struct GemvBatch {
 };
 
 // BYTES: code bytes per lane and item, 32 (3 CTAs per SM: ≤ 80 registers) or 64 (2 CTAs per SM).
-// XS (M = 1): x staged once per CTA in dynamic shared memory (swizzled so that a warp's 16-byte
-// reads of its lanes' chunks are free of bank conflicts) instead of read from L1 per chunk.
+// XS (M = 1): x staged once per CTA in dynamic shared memory (padded so that a warp's 16-byte
+// reads of its lanes' chunks are free of bank conflicts) instead of read from L1 per chunk, the
+// codes decoded through the f32 pair table (one ld.shared.v2 per byte, no unpacking), and the
+// item's D chunks interleaved byte by byte: D independent lookup → FMA chains in flight, not one.
 template <int VEC, int R, int MM, int BYTES = 32, bool XS = false>
 __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_kernel(SmallMArgs a, GemvShape gs, Tables tab) {
   static_assert(VEC == 8 || VEC == 16, "8- or 16-byte code chunks");
@@ -591,13 +615,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
   constexpr int D = Batch::D;
   constexpr int W = VEC / 4;  // 32-bit code words per chunk
   using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
-  __shared__ uint32_t pair[256 * 32];
-  __shared__ uint32_t pair_of_byte[256];
+  __shared__ __align__(16) uint32_t pair[256 * 32];  // bf16x2 replicas per lane, or (XS) f32 pairs per half-warp lane
+  __shared__ float2 stage[256];
   __shared__ float dyn[256];
 
   const int lane = int(threadIdx.x & 31), G = gs.G, sub = lane % G;
   const int per_warp = 32 / G;
   const int64_t K = a.K, N = a.N, C = gs.C, B = gs.batches;
+  [[maybe_unused]] const uint32_t x_base = uint32_t(__cvta_generic_to_shared(xs));  // XS: x's slots in the shared window
   // Warp-uniform walk: the warp's first group q0 advances by the grid's group slots; lanes whose
   // group is past the end load zeros and store nothing, so the shuffles always have all 32 lanes.
   const int64_t stride = int64_t(gridDim.x) * kGemvWarps * per_warp;
@@ -639,6 +664,57 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
     int64_t nq0 = q0, nb = b + 1;
     if (nb == B) nb = 0, nq0 += stride;
     if (nq0 < gs.groups) fetch(nq0, nb, nxt);
+    if constexpr (XS) {
+      // The item's chunks c_d = sub + (b·D + d)·G in groups of DI, interleaved byte by byte within a
+      // group; a group past the row on every lane is skipped (the item's tail at K = 4304: 9 chunks
+      // per lane, 8 per item). A chunk past the row on this lane has zero codes and its x reads
+      // clamped into the row, and is not added.
+      constexpr int DI = D < 4 ? D : 4;
+#pragma unroll
+      for (int d0 = 0; d0 < D; d0 += DI) {
+        if ((b * D + d0) * G >= C) break;  // warp-uniform: chunk c of lane 0 ≥ C
+        uint32_t xoff[DI];
+        bool ok[DI];
+        float s[DI][R];
+#pragma unroll
+        for (int j = 0; j < DI; ++j) {
+          const int64_t c = sub + (b * D + d0 + j) * G;
+          ok[j] = c < C;
+          xoff[j] = x_base + 16u * gemv_x_slot(uint32_t((ok[j] ? c : C - 1) * W));
+#pragma unroll
+          for (int r = 0; r < R; ++r) s[j][r] = 0.0f;
+        }
+#pragma unroll
+        for (int v = 0; v < W; ++v) {  // code word v of every chunk: bytes 4v .. 4v + 3
+          uint4 xv[DI];
+#pragma unroll
+          for (int j = 0; j < DI; ++j)
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(xv[j].x), "=r"(xv[j].y), "=r"(xv[j].z), "=r"(xv[j].w)
+                         : "r"(xoff[j] + 16u * v));
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < DI; ++j) {
+              const uint32_t xw = i == 0 ? xv[j].x : i == 1 ? xv[j].y : i == 2 ? xv[j].z : xv[j].w;
+              const float x0 = __uint_as_float(xw << 16), x1 = __uint_as_float(xw & 0xFFFF0000u);
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                float w0, w1;  // pairf[byte · 16 + lane % 16] at lane_pair + byte · 128
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                             : "=f"(w0), "=f"(w1)
+                             : "r"(lane_pair + (__byte_perm(cur.code[d0 + j][r][v], 0u, 0x4440u + i) << 7)));
+                s[j][r] = fmaf(w1, x1, fmaf(w0, x0, s[j][r]));
+              }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < DI; ++j)
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            if (ok[j]) acc[r][0] = fmaf(finish_scale(a.sc, dyn, cur.raw[d0 + j][r]), s[j][r], acc[r][0]);
+      }
+    } else {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       const int64_t c = sub + (b * D + d) * G;
@@ -652,14 +728,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
       for (int v = 0; v < W; ++v) {  // code word v: bytes 4v .. 4v + 3
         // x[m][2VEC·c + 8v .. + 8) as bf16 pairs: word i holds the elements of code byte 4v + i.
         uint4 xv[MM];
-        if constexpr (XS) {
-          xv[0] = xs[gemv_x_slot<W>(uint32_t(c) * W + v)];
-        } else {
 #pragma unroll
-          for (int m = 0; m < MM; ++m) {
-            xv[m] = make_uint4(0u, 0u, 0u, 0u);
-            if (m < a.M) xv[m] = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
-          }
+        for (int m = 0; m < MM; ++m) {
+          xv[m] = make_uint4(0u, 0u, 0u, 0u);
+          if (m < a.M) xv[m] = __ldg(reinterpret_cast<const uint4*>(a.x + int64_t(m) * K + c * 2 * VEC) + v);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // byte 4v + i: elements 2(4v + i) (high nibble), 2(4v + i) + 1
@@ -690,6 +762,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
         for (int m = 0; m < MM; ++m) acc[r][m] = fmaf(am, s[r][m], acc[r][m]);
       }
     }
+    }
     if (b == B - 1) {
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -719,15 +792,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
 
   Batch x0, x1;
   if (q0 < gs.groups) fetch(q0, 0, x0);  // in flight while the table is built
-  if constexpr (XS) {  // visible after build_pair_table's barriers
+  if constexpr (XS) {  // visible after the table's barriers
     const uint32_t words = uint32_t(K / 8);
     for (uint32_t w = threadIdx.x; w < words; w += blockDim.x)
-      xs[gemv_x_slot<W>(w)] = __ldg(reinterpret_cast<const uint4*>(a.x) + w);
+      xs[gemv_x_slot(w)] = __ldg(reinterpret_cast<const uint4*>(a.x) + w);
+    build_pair_table_f32(reinterpret_cast<float2*>(pair), stage, dyn, tab);
+  } else {
+    build_pair_table(pair, reinterpret_cast<uint32_t*>(stage), dyn, tab);
   }
-  build_pair_table(pair, pair_of_byte, dyn, tab);
   // The lane's replica as a 32-bit shared-window address (indexing `pair` from C++ cost two more
-  // integer ops per lookup: the shift by 5 and the OR of the lane).
-  const uint32_t lane_pair = uint32_t(__cvta_generic_to_shared(pair)) + 4u * uint32_t(lane);
+  // integer ops per lookup: the shift by 5 and the OR of the lane): 4 bytes per lane in the bf16
+  // table, 8 bytes per lane of a half-warp in the f32 one; x's slots likewise.
+  const uint32_t lane_pair = uint32_t(__cvta_generic_to_shared(pair)) + (XS ? 8u * uint32_t(lane & 15) : 4u * uint32_t(lane));
+
   while (step(x0, x1, lane_pair) && step(x1, x0, lane_pair)) {
   }
 }
@@ -1001,7 +1078,7 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   // cuBLAS in geometric mean on the H100, bench/RESULTS.md 2026-12-06); TQ_NF4_GEMV_X=global
   // reads it from L1 (the benchmark's comparison).
   const char* xe = std::getenv("TQ_NF4_GEMV_X");
-  const size_t xbytes = size_t(a.K) * 2;
+  const size_t xbytes = 16 * gemv_x_slots(a.K);
   const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && !(xe != nullptr && xe[0] == 'g');
   if (xsmem && R == 2) gemv_x_smem_kernel<gemv_kernel<VEC, 2, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);
   else if (xsmem) gemv_x_smem_kernel<gemv_kernel<VEC, 1, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);

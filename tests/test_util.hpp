@@ -80,4 +80,38 @@ inline ::testing::AssertionResult throws_with(const std::function<void()>& f, co
   return ::testing::AssertionFailure() << "no tq::Error thrown";
 }
 
+// A LoRA merge in float64 from host vectors (W: out×in, A: r×in, B: out×r, mag: out or empty):
+// merged = W + s·B·A, DoRA: row o times m_o / ‖W_o + s·(B·A)_o‖; and per element the magnitude of
+// the terms a float merge rounds, (|W| + s·Σ_k |B·A|) times DoRA's row factor (where W and s·B·A
+// nearly cancel, the rounding error is a few ulps of this, not of the result).
+struct LoraMergeRef {
+  std::vector<double> merged, terms;
+};
+inline LoraMergeRef lora_merge_f64(const std::vector<double>& W, const std::vector<double>& A,
+                                   const std::vector<double>& B, const std::vector<double>& mag, int64_t in,
+                                   int64_t out, int64_t r, double s, bool dora) {
+  LoraMergeRef ref{W, std::vector<double>(W.size())};
+  for (int64_t o = 0; o < out; ++o) {
+    double norm = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      const size_t e = size_t(o * in + i);
+      double ba = 0, t = 0;
+      for (int64_t k = 0; k < r; ++k) {
+        ba += B[size_t(o * r + k)] * A[size_t(k * in + i)];
+        t += std::abs(B[size_t(o * r + k)] * A[size_t(k * in + i)]);
+      }
+      ref.merged[e] += s * ba;
+      ref.terms[e] = std::abs(W[e]) + s * t;
+      norm += ref.merged[e] * ref.merged[e];
+    }
+    if (!dora) continue;
+    const double f = mag[size_t(o)] / std::sqrt(norm);
+    for (int64_t i = 0; i < in; ++i) {
+      ref.merged[size_t(o * in + i)] *= f;
+      ref.terms[size_t(o * in + i)] *= std::abs(f);
+    }
+  }
+  return ref;
+}
+
 }  // namespace tq::test

@@ -161,33 +161,17 @@ TEST(GpuLora, MergeOnTheDeviceMatchesTheCpu) {
     // roundings of W + s·B·A in another order, a few u·(|W| + s·|B|·|A|) (times DoRA's row scale),
     // which dominate where W and s·B·A nearly cancel (a fresh seed drew 3.0e-7 vs 3.0e-8 terms).
     const std::vector<double> got = dg->weight.cpu().to_vector<double>(), ref = dc->weight.to_vector<double>();
-    const std::vector<double> W = nf4_dequantize(q, DType::bf16).to_vector<double>(),
-                              A = lp.cpu->lora_A.to_vector<double>(), Bm = lp.cpu->lora_B.to_vector<double>();
     const int64_t out = 72, in = 200, r = 8;
-    const std::vector<double> mag = v.dora ? lp.cpu->lora_magnitude_vector.to_vector<double>() : std::vector<double>{};
-    const double s = cfg.scaling();
+    const test::LoraMergeRef f64 = test::lora_merge_f64(
+        nf4_dequantize(q, DType::bf16).to_vector<double>(), lp.cpu->lora_A.to_vector<double>(),
+        lp.cpu->lora_B.to_vector<double>(), v.dora ? lp.cpu->lora_magnitude_vector.to_vector<double>() : std::vector<double>{},
+        in, out, r, cfg.scaling(), v.dora);
     double num = 0, den = 0;
-    for (int64_t o = 0; o < out; ++o) {
-      std::vector<double> plain(static_cast<size_t>(in)), terms(static_cast<size_t>(in));
-      double norm = 0;
-      for (int64_t j = 0; j < in; ++j) {
-        double d = 0, t = 0;
-        for (int64_t k = 0; k < r; ++k) {
-          d += Bm[size_t(o * r + k)] * A[size_t(k * in + j)];
-          t += std::abs(Bm[size_t(o * r + k)] * A[size_t(k * in + j)]);
-        }
-        plain[size_t(j)] = W[size_t(o * in + j)] + s * d;
-        terms[size_t(j)] = std::abs(W[size_t(o * in + j)]) + s * t;
-        norm += plain[size_t(j)] * plain[size_t(j)];
-      }
-      const double factor = v.dora ? std::abs(mag[size_t(o)]) / std::sqrt(norm) : 1.0;
-      for (int64_t j = 0; j < in; ++j) {
-        const size_t i = size_t(o * in + j);
-        const double e = std::abs(got[i] - ref[i]);
-        EXPECT_LE(e, std::abs(ref[i]) / 128 + 4 * std::ldexp(terms[size_t(j)] * factor, -24)) << "row " << o << " column " << j;
-        num += e * e;
-        den += ref[i] * ref[i];
-      }
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double e = std::abs(got[i] - ref[i]);
+      EXPECT_LE(e, std::abs(ref[i]) / 128 + 4 * std::ldexp(f64.terms[i], -24)) << "row " << i / in << " column " << i % in;
+      num += e * e;
+      den += ref[i] * ref[i];
     }
     EXPECT_LE(std::sqrt(num / den), 1e-3);
     lp.gpu->unmerge();

@@ -183,24 +183,6 @@ TEST(Lora, DropoutMaskIsReproducibleAndOnlyInTraining) {
 }
 
 namespace {
-// W' = W + s·B·A, DoRA: row o times m_o / ‖W_o + s·(B·A)_o‖, in float64 from host vectors.
-std::vector<double> ref_merged(const std::vector<double>& W, const std::vector<double>& A, const std::vector<double>& B,
-                               const std::vector<double>& mag, int64_t in, int64_t out, int64_t r, double s, bool dora) {
-  std::vector<double> w(W);
-  for (int64_t o = 0; o < out; ++o) {
-    double norm = 0;
-    for (int64_t i = 0; i < in; ++i) {
-      double ba = 0;
-      for (int64_t k = 0; k < r; ++k) ba += B[size_t(o * r + k)] * A[size_t(k * in + i)];
-      w[size_t(o * in + i)] += s * ba;
-      norm += w[size_t(o * in + i)] * w[size_t(o * in + i)];
-    }
-    if (!dora) continue;
-    for (int64_t i = 0; i < in; ++i) w[size_t(o * in + i)] *= mag[size_t(o)] / std::sqrt(norm);
-  }
-  return w;
-}
-
 // Non-trivial adapter tensors (B = 0 after init would make merging a no-op).
 template <class L>
 void randomize_adapter(L& l, DType dt) {
@@ -225,9 +207,9 @@ TEST(Lora, MergeIntoADenseBaseMatchesFloat64AndUnmergeRestoresTheBits) {
       Tensor x = random({4, in}, dt);
       const std::vector<double> before = l.forward(x).to_vector();
       const Tensor w0 = l.base->weight;
-      const auto ref = ref_merged(w0.to_vector(), l.lora_A.to_vector(), l.lora_B.to_vector(),
-                                  cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>(), in, out, r,
-                                  cfg.scaling(), cfg.dora);
+      const auto ref = test::lora_merge_f64(w0.to_vector(), l.lora_A.to_vector(), l.lora_B.to_vector(),
+                                            cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>(), in,
+                                            out, r, cfg.scaling(), cfg.dora).merged;
       l.merge();
       ASSERT_TRUE(l.merged());
       EXPECT_EQ(l.base->weight.dtype(), dt);
@@ -269,35 +251,21 @@ TEST(Lora, MergeIntoAnNf4BaseMakesADenseBf16LinearWithoutRequantizing) {
     const std::vector<double> Wv = nf4_dequantize(q, DType::bf16).to_vector<double>(), Av = l.lora_A.to_vector(),
                               Bv = l.lora_B.to_vector(),
                               mag = cfg.dora ? l.lora_magnitude_vector.to_vector() : std::vector<double>();
-    const auto ref = ref_merged(Wv, Av, Bv, mag, in, out, r, cfg.scaling(), cfg.dora);
+    const test::LoraMergeRef f64 = test::lora_merge_f64(Wv, Av, Bv, mag, in, out, r, cfg.scaling(), cfg.dora);
+    const std::vector<double>& ref = f64.merged;
     l.merge();
     auto* dense = dynamic_cast<nn::Linear*>(l.base.get());
     ASSERT_NE(dense, nullptr) << "the merged base is a dense Linear";
     EXPECT_EQ(dense->weight.dtype(), DType::bf16);
     EXPECT_TRUE(dense->bias.same(bias) || dense->bias.to_vector() == bias.to_vector());
     // Every weight is bf16(ref) up to a tie-break of the f32 intermediate: within one bf16 ulp plus
-    // the f32 rounding of W + ΔW (a few u·(|W| + |ΔW|), which dominates where the two nearly cancel),
-    // and almost all exactly.
-    auto absv = [](std::vector<double> v) {
-      for (double& e : v) e = std::abs(e);
-      return v;
-    };
-    const auto terms = ref_merged(absv(Wv), absv(Av), absv(Bv), {}, in, out, r, cfg.scaling(), false);  // ≥ |W| + |ΔW|
-    std::vector<double> factor(size_t(out), 1.0);  // DoRA's row scale m / ‖W + ΔW‖
-    if (cfg.dora) {
-      const auto plain = ref_merged(Wv, Av, Bv, {}, in, out, r, cfg.scaling(), false);
-      for (size_t o = 0; o < size_t(out); ++o) {
-        double norm = 0;
-        for (size_t j = 0; j < size_t(in); ++j) norm += plain[o * size_t(in) + j] * plain[o * size_t(in) + j];
-        factor[o] = std::abs(mag[o]) / std::sqrt(norm);
-      }
-    }
+    // the f32 rounding of W + ΔW (a few u·(|W| + |ΔW|) times DoRA's row scale, which dominates where
+    // the two nearly cancel), and almost all exactly.
     const std::vector<double> got = dense->weight.to_vector();
     int exact = 0;
     for (size_t i = 0; i < got.size(); ++i) {
       const double r1 = double(float(bf16(float(ref[i]))));
-      EXPECT_LE(std::abs(got[i] - ref[i]), std::abs(ref[i]) / 128 + 4 * std::ldexp(terms[i] * factor[i / size_t(in)], -24))
-          << i;
+      EXPECT_LE(std::abs(got[i] - ref[i]), std::abs(ref[i]) / 128 + 4 * std::ldexp(f64.terms[i], -24)) << i;
       exact += got[i] == r1;
     }
     EXPECT_GE(exact, int(got.size()) * 99 / 100);

@@ -79,8 +79,11 @@ TQ_HOST_DEVICE inline C apply_unary(UnaryOp op, C x) {
       case UnaryOp::rsqrt: return C(1) / std::sqrt(x);
       case UnaryOp::tanh: return std::tanh(x);
       case UnaryOp::sigmoid: return C(1) / (C(1) + std::exp(-x));
-      case UnaryOp::gelu_erf: return C(0.5) * x * (C(1) + std::erf(x * C(0.7071067811865476)));
-      case UnaryOp::gelu_tanh: return C(0.5) * x * (C(1) + std::tanh(kSqrt2OverPi * (x + C(0.044715) * x * x * x)));
+      // 1 + erf(x/√2) and 1 + tanh(z) cancel for negative x (erf(−2.6) = −0.9998: a float's ulp of 1
+      // is 3e-4 of the sum there), so both are written without the subtraction: erfc(−x/√2), and
+      // 1 + tanh(z) = 2 / (1 + e^(−2z)); each stays relative-accurate in float.
+      case UnaryOp::gelu_erf: return C(0.5) * x * std::erfc(x * C(-0.7071067811865476));
+      case UnaryOp::gelu_tanh: return x / (C(1) + std::exp(C(-2) * kSqrt2OverPi * (x + C(0.044715) * x * x * x)));
       case UnaryOp::silu: return x / (C(1) + std::exp(-x));
       case UnaryOp::abs: return std::abs(x);
       case UnaryOp::square: return x * x;
@@ -110,7 +113,7 @@ TQ_HOST_DEVICE inline C unary_derivative(UnaryOp op, C x) {
       return s * (C(1) - s);
     }
     case UnaryOp::gelu_erf: {
-      C cdf = C(0.5) * (C(1) + std::erf(x * C(0.7071067811865476)));
+      C cdf = C(0.5) * std::erfc(x * C(-0.7071067811865476));  // Φ(x), relative-accurate for x < 0
       C pdf = std::exp(C(-0.5) * x * x) * C(0.3989422804014327);
       return cdf + x * pdf;
     }
