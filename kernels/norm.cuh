@@ -17,10 +17,6 @@
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
 
-#include <map>
-#include <mutex>
-#include <tuple>
-
 #include "kernels/ops_common.cuh"
 #include "tq/ops/norm.hpp"
 
@@ -74,12 +70,13 @@ __device__ __forceinline__ RowStats<C> finish_stats(C sum_sq, const P& p, C mean
 
 // Row statistics of a row held in registers: buf[k] is vector first + k·step of the row, and
 // reduce(v) sums v over the threads sharing the row (the block, or one warp).
+// `center` is p.center, passed separately so that a kernel instance can make it a constant.
 template <class T, int MAXV, class C, class P, class Reduce>
 __device__ __forceinline__ RowStats<C> held_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, int first,
-                                                  int step, const P& p, Reduce&& reduce) {
+                                                  int step, const P& p, Reduce&& reduce, bool center) {
   constexpr int V = kVecWidth<T>;
   C mean = 0;
-  if (p.center) {
+  if (center) {
     C s = 0;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k)
@@ -94,7 +91,7 @@ __device__ __forceinline__ RowStats<C> held_stats(const Vec<T, kVecWidth<T>> (&b
     if (first + k * step < nvec)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const C d = convert<C>(buf[k].v[e]) - mean;
+        const C d = center ? convert<C>(buf[k].v[e]) - mean : convert<C>(buf[k].v[e]);
         ss += d * d;
       }
   return finish_stats(reduce(ss), p, mean);
@@ -105,7 +102,7 @@ template <class T, int MAXV, class C, class P>
 __device__ __forceinline__ RowStats<C> cached_stats(const Vec<T, kVecWidth<T>> (&buf)[MAXV], int nvec, const P& p,
                                                     C* red) {
   return held_stats<T, MAXV, C>(buf, nvec, int(threadIdx.x), int(blockDim.x), p,
-                                [red](C v) { return block_sum(v, red); });
+                                [red](C v) { return block_sum(v, red); }, p.center);
 }
 
 // out[e] = src[j0 + e], e < V, converted to C: 16-byte loads when `vec` (src 16-byte aligned;
@@ -371,7 +368,7 @@ __global__ void __launch_bounds__(kWarpThreads) forward_warp_kernel(T* __restric
 #pragma unroll
     for (int k = 0; k < MAXV; ++k)
       if (lane + 32 * k < nvec) buf[k] = xr[lane + 32 * k];
-    const RowStats<C> st = held_stats<T, MAXV, C>(buf, nvec, lane, 32, p, [](C v) { return warp_sum(v); });
+    const RowStats<C> st = held_stats<T, MAXV, C>(buf, nvec, lane, 32, p, [](C v) { return warp_sum(v); }, p.center);
     VT* yr = reinterpret_cast<VT*>(y + r * p.D);
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
@@ -397,6 +394,16 @@ __global__ void __launch_bounds__(kWarpThreads) forward_warp_kernel(T* __restric
 template <int MAXV, int V>
 inline constexpr int kWarpAccFloats = MAXV * V * 32;
 
+// Block size of the backward warp kernel: each block writes one partial row, so bigger blocks mean
+// fewer partials to write and sum. Rows of up to 5 vectors per lane (SigLIP's 1152) fit 128
+// registers: blocks of 8 warps, 2 resident per SM. Longer rows (Gemma's 2048) need ~170 registers
+// (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the H200): blocks of 4
+// warps, 3 resident per SM.
+template <int MAXV>
+inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 128 : 256;
+template <int MAXV>
+inline constexpr int kWarpBackwardMinBlocks = MAXV > 5 ? 1 : 2;
+
 __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) {
   return ((k * (V / 4) + e / 4) * 32 + lane) * 4 + e % 4;
 }
@@ -406,12 +413,12 @@ __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) 
 // memory (registers hold the row: at 64 more registers per lane occupancy would halve); at the
 // end the block's warps are folded per column in warp order (deterministic) into one partial row
 // per block. The scales offset + w are staged once per block in shared memory. Dynamic shared
-// memory: (kWarpThreads / 32, 1 + kBias, kWarpAccFloats) accumulators, then (D) scales, floats.
-template <class T, class W, int MAXV, bool kBias>
-__global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restrict__ dx, float* __restrict__ part_w,
-                                                                     float* __restrict__ part_b,
-                                                                     const T* __restrict__ g, const T* __restrict__ x,
-                                                                     Params<float, W> p) {
+// memory: (kWarpBackwardThreads / 32, 1 + kBias, kWarpAccFloats) accumulators, then (D) scales,
+// floats. kCenter: layer_norm (x̂ centered, mean of g·s subtracted); rms_norm skips that work.
+template <class T, class W, int MAXV, bool kBias, bool kCenter>
+__global__ void __launch_bounds__(kWarpBackwardThreads<MAXV>, kWarpBackwardMinBlocks<MAXV>)
+    backward_warp_kernel(T* __restrict__ dx, float* __restrict__ part_w, float* __restrict__ part_b,
+                         const T* __restrict__ g, const T* __restrict__ x, Params<float, W> p) {
   using C = float;
   constexpr int V = kVecWidth<T>;
   using VT = Vec<T, V>;
@@ -438,7 +445,9 @@ __global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restri
         xb[k] = xr[lane + 32 * k];
         gb[k] = gr[lane + 32 * k];
       }
-    const RowStats<C> st = held_stats<T, MAXV, C>(xb, nvec, lane, 32, p, [](C v) { return warp_sum(v); });
+    const RowStats<C> st = held_stats<T, MAXV, C>(xb, nvec, lane, 32, p, [](C v) { return warp_sum(v); }, kCenter);
+    // x̂ (the mean is 0 without centering: x − 0 is x, so the products round as before).
+    auto xhat = [&](C v) { return kCenter ? normalized(v, st) : mul_rn(v, st.rstd); };
     C sum_g = 0, sum_gx = 0;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
@@ -449,14 +458,14 @@ __global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restri
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const C gh = mul_rn(convert<C>(gb[k].v[e]), s[e]);
-        sum_g += gh;
-        sum_gx += gh * normalized(convert<C>(xb[k].v[e]), st);
+        if constexpr (kCenter) sum_g += gh;
+        sum_gx += gh * xhat(convert<C>(xb[k].v[e]));
       }
     }
-    sum_g = warp_sum(sum_g);
+    if constexpr (kCenter) sum_g = warp_sum(sum_g);
     sum_gx = warp_sum(sum_gx);
     __syncwarp();  // a memory barrier to the compiler: the scales are loaded again, not held
-    const C mg = p.center ? sum_g / C(p.D) : C(0), mgx = sum_gx / C(p.D);
+    const C mg = kCenter ? sum_g / C(p.D) : C(0), mgx = sum_gx / C(p.D);
     VT* dr = reinterpret_cast<VT*>(dx + r * p.D);
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
@@ -474,8 +483,9 @@ __global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restri
         for (int f = 0; f < 4; ++f) {
           const int e = e4 + f;
           const C gv = convert<C>(gb[k].v[e]);
-          const C xh = normalized(convert<C>(xb[k].v[e]), st);
-          o.v[e] = convert<T>(mul_rn(st.rstd, sub_rn(sub_rn(mul_rn(gv, s[e]), mg), mul_rn(xh, mgx))));
+          const C xh = xhat(convert<C>(xb[k].v[e]));
+          const C gm = kCenter ? sub_rn(mul_rn(gv, s[e]), mg) : mul_rn(gv, s[e]);  // g·s − 0 is g·s
+          o.v[e] = convert<T>(mul_rn(st.rstd, sub_rn(gm, mul_rn(xh, mgx))));
           w4.v[f] += gv * xh;
           if constexpr (kBias) b4.v[f] += gv;
         }
@@ -502,30 +512,47 @@ __global__ void __launch_bounds__(kWarpThreads) backward_warp_kernel(T* __restri
 // Dynamic shared memory of backward_warp_kernel.
 template <class T, int MAXV, bool kBias>
 size_t backward_warp_smem(int64_t D) {
-  return (size_t(kWarpThreads / 32) * (kBias ? 2 : 1) * kWarpAccFloats<MAXV, kVecWidth<T>> + size_t(D)) * sizeof(float);
+  return (size_t(kWarpBackwardThreads<MAXV> / 32) * (kBias ? 2 : 1) * kWarpAccFloats<MAXV, kVecWidth<T>> + size_t(D)) *
+         sizeof(float);
 }
 
 // out{y} (D) = Σ over the nparts rows of part[y] (part: (gridDim.y ≤ 2, nparts, D)), per column:
-// 32 strided groups of rows summed in double, then the groups in order, rounded once from double
-// to O (as the CPU's double column sums .to(weight dtype)). Block (32, 32) covers 32 columns; the
-// partials were just written, so these reads come from L2.
+// kSumGroups strided groups of rows summed in double, then the groups in order, rounded once from
+// double to O (as the CPU's double column sums .to(weight dtype)). Block (kSumCols, kSumGroups)
+// covers kSumCols columns (one 32-byte sector of an fp32 partial row), so that a (D) sum spreads
+// over D / 8 blocks (256 for Gemma's 2048) and each thread reads only a few partials; they were
+// just written, so these reads come from L2. The order is fixed: deterministic.
+inline constexpr int kSumCols = 8, kSumGroups = 128;
 template <class C, class O>
-__global__ void __launch_bounds__(1024) column_sum_kernel(O* __restrict__ out0, O* __restrict__ out1,
-                                                          const C* __restrict__ part, int64_t nparts, int64_t D) {
-  __shared__ double tile[32][33];
+__global__ void __launch_bounds__(kSumCols * kSumGroups) column_sum_kernel(O* __restrict__ out0, O* __restrict__ out1,
+                                                                          const C* __restrict__ part, int64_t nparts,
+                                                                          int64_t D) {
+  __shared__ double tile[kSumGroups][kSumCols + 1];
   const C* src = part + int64_t(blockIdx.y) * nparts * D;  // (nparts, D)
   O* out = blockIdx.y == 0 ? out0 : out1;                   // (D)
-  const int64_t j = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t j = int64_t(blockIdx.x) * kSumCols + threadIdx.x;
   double acc = 0;
   if (j < D) {
-#pragma unroll 8
-    for (int64_t b = threadIdx.y; b < nparts; b += 32) acc += double(src[b * D + j]);
+#pragma unroll 4
+    for (int64_t b = threadIdx.y; b < nparts; b += kSumGroups) acc += double(src[b * D + j]);
   }
   tile[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
+  // Fold the groups in order: each of 16 threads per column sums 8 consecutive groups, then one
+  // thread sums the 16 in order.
+  constexpr int kFold = kSumGroups / 16;
+  __shared__ double folded[16][kSumCols + 1];
+  if (threadIdx.y < 16) {
+    double s = 0;
+#pragma unroll
+    for (int k = 0; k < kFold; ++k) s += tile[threadIdx.y * kFold + k][threadIdx.x];
+    folded[threadIdx.y][threadIdx.x] = s;
+  }
+  __syncthreads();
   if (threadIdx.y == 0 && j < D) {
     double s = 0;
-    for (int k = 0; k < 32; ++k) s += tile[k][threadIdx.x];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) s += folded[k][threadIdx.x];
     out[j] = double_to<O>(s);
   }
 }
@@ -610,8 +637,8 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
   const int kinds = int(out_dtypes.size());
   std::vector<Tensor> out;
   for (DType dt : out_dtypes) out.push_back(Tensor::empty({D}, dt, part.device()));
-  const dim3 block(32, 32);
-  const unsigned blocks = unsigned((D + 31) / 32);
+  const dim3 block(kSumCols, kSumGroups);
+  const unsigned blocks = unsigned((D + kSumCols - 1) / kSumCols);
   auto launch = [&](auto ctag) {
     using C = decltype(ctag);
     const C* base = data_as<const C>(part);
@@ -657,25 +684,6 @@ void with_warp_vectors(int maxv, F&& launch) {
     case 8: launch(std::integral_constant<int, 8>{}); break;
     default: fail(str_cat("norm: internal error: no warp kernel for ", maxv, " vectors per lane"));
   }
-}
-
-// Resident blocks per SM of a kernel at `threads` threads and `smem` dynamic shared memory, queried
-// once per (kernel, threads, smem, device) (SM resources do not change); a kernel is allowed
-// the shared memory first. Every launch of a kernel goes through here before it.
-template <class K>
-int resident_blocks(K* kernel, int threads, size_t smem, int device) {
-  using Key = std::tuple<const void*, int, size_t, int>;
-  static std::mutex mu;
-  static std::map<Key, int> known;
-  const Key key{reinterpret_cast<const void*>(kernel), threads, smem, device};
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  if (smem > 48 * 1024)  // above the default limit of dynamic shared memory: opt in
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int b = 0;
-  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
-  return known[key] = std::max(1, b);
 }
 
 }  // namespace norm_detail
@@ -770,20 +778,23 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
       if (const int wv = warp_vectors<T>(D, {pdx, px, pg})) {
         // One warp per row; as many blocks as are resident at once (each writes one partial row),
         // never more than there are rows for.
-        constexpr int wpb = kWarpThreads / 32;
         with_warp_vectors(wv, [&](auto m) {
+          constexpr int threads = kWarpBackwardThreads<decltype(m)::value>, wpb = threads / 32;
           auto run = [&](auto kernel, size_t smem) {
-            const int64_t resident = int64_t(sm_count(dev)) * resident_blocks(kernel, kWarpThreads, smem, dev);
+            const int64_t resident = int64_t(sm_count(dev)) * resident_blocks(kernel, threads, smem, dev);
             blocks = std::min<int64_t>((rows + wpb - 1) / wpb, resident);
             part = partials(blocks);
             C* pw = weight.defined() ? data_as<C>(part) : nullptr;
             C* pb = bias.defined() ? data_as<C>(part) + (weight.defined() ? blocks * D : 0) : nullptr;
-            kernel<<<unsigned(blocks), kWarpThreads, smem, current_stream()>>>(pdx, pw, pb, pg, px, p);
+            kernel<<<unsigned(blocks), threads, smem, current_stream()>>>(pdx, pw, pb, pg, px, p);
           };
           if constexpr (kWarpRows<T>) {
             constexpr int M = decltype(m)::value;
-            if (bias.defined()) run(backward_warp_kernel<T, W, M, true>, backward_warp_smem<T, M, true>(D));
-            else run(backward_warp_kernel<T, W, M, false>, backward_warp_smem<T, M, false>(D));
+            const bool b = bias.defined();
+            if (center && b) run(backward_warp_kernel<T, W, M, true, true>, backward_warp_smem<T, M, true>(D));
+            else if (center) run(backward_warp_kernel<T, W, M, false, true>, backward_warp_smem<T, M, false>(D));
+            else if (b) run(backward_warp_kernel<T, W, M, true, false>, backward_warp_smem<T, M, true>(D));
+            else run(backward_warp_kernel<T, W, M, false, false>, backward_warp_smem<T, M, false>(D));
           }
         });
       } else {
