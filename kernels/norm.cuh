@@ -17,6 +17,10 @@
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "kernels/ops_common.cuh"
 #include "tq/ops/norm.hpp"
 
@@ -413,7 +417,7 @@ __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) 
 // memory (registers hold the row: at 64 more registers per lane occupancy would halve); at the
 // end the block's warps are folded per column in warp order (deterministic) into one partial row
 // per block. The scales offset + w are staged once per block in shared memory. Dynamic shared
-// memory: (kWarpBackwardThreads / 32, 1 + kBias, kWarpAccFloats) accumulators, then (D) scales,
+// memory: (kWarpBackwardThreads<MAXV> / 32, 1 + kBias, kWarpAccFloats) accumulators, then (D) scales,
 // floats. kCenter: layer_norm (x̂ centered, mean of g·s subtracted); rms_norm skips that work.
 template <class T, class W, int MAXV, bool kBias, bool kCenter>
 __global__ void __launch_bounds__(kWarpBackwardThreads<MAXV>, kWarpBackwardMinBlocks<MAXV>)
@@ -684,6 +688,25 @@ void with_warp_vectors(int maxv, F&& launch) {
     case 8: launch(std::integral_constant<int, 8>{}); break;
     default: fail(str_cat("norm: internal error: no warp kernel for ", maxv, " vectors per lane"));
   }
+}
+
+// Resident blocks per SM of a kernel at `threads` threads and `smem` dynamic shared memory, queried
+// once per (kernel, threads, smem, device) (SM resources do not change); a kernel is allowed
+// the shared memory first. Every launch of a kernel goes through here before it.
+template <class K>
+int resident_blocks(K* kernel, int threads, size_t smem, int device) {
+  using Key = std::tuple<const void*, int, size_t, int>;
+  static std::mutex mu;
+  static std::map<Key, int> known;
+  const Key key{reinterpret_cast<const void*>(kernel), threads, smem, device};
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  if (smem > 48 * 1024)  // above the default limit of dynamic shared memory: opt in
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int b = 0;
+  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
+  return known[key] = std::max(1, b);
 }
 
 }  // namespace norm_detail

@@ -15,9 +15,6 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "kernels/copy.cuh"
 #include "tq/ops/shape_ops.hpp"
@@ -96,25 +93,6 @@ __device__ __forceinline__ void block_sum2(C& a, C& b, C* scratch) {
   __syncthreads();
   a = warp_sum(lane < nwarps ? scratch[lane] : C(0));
   b = warp_sum(lane < nwarps ? scratch[32 + lane] : C(0));
-}
-
-// Resident blocks per SM of a kernel at `threads` threads and `smem` dynamic shared memory, queried
-// once per (kernel, threads, smem, device) (SM resources do not change); a kernel is allowed
-// the shared memory first. Every launch of a kernel goes through here before it.
-template <class K>
-int resident_blocks(K* kernel, int threads, size_t smem, int device) {
-  using Key = std::tuple<const void*, int, size_t, int>;
-  static std::mutex mu;
-  static std::map<Key, int> known;
-  const Key key{reinterpret_cast<const void*>(kernel), threads, smem, device};
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  if (smem > 48 * 1024)  // above the default limit of dynamic shared memory: opt in
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int b = 0;
-  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, threads, smem));
-  return known[key] = std::max(1, b);
 }
 
 // Threads for one block working on rows of n elements: n rounded up to a warp, within [32, cap].
