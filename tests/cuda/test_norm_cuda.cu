@@ -114,6 +114,17 @@ TEST(GpuNorm, ManyRowsAndStridedOrUnalignedInputs) {
   ops::NormGrads r = ops::norm_backward(gu, xv, wu, Tensor(), 1e-6, false, 1.0);
   EXPECT_TRUE(close(a.x.cpu(), r.x, 1e-2));
   EXPECT_TRUE(close(a.weight.cpu(), r.weight, 1e-2));
+  // rms_norm backward with a bias (the op allows one): the uncentered warp-kernel instance that also
+  // sums g per column.
+  Tensor xr = rnd({300, 2048}, DType::bf16), gr2 = rnd({300, 2048}, DType::bf16);
+  Tensor wr = rnd({2048}, DType::f32, -0.5, 0.5), br = rnd({2048}, DType::f32);
+  ops::NormGrads rb = ops::norm_backward(gr2, xr, wr, br, 1e-6, false, 1.0);
+  Tensor gr2d = dev(gr2), xrd = dev(xr), wrd = dev(wr), brd = dev(br);
+  poison_for(xr, 6);
+  ops::NormGrads ab = ops::norm_backward(gr2d, xrd, wrd, brd, 1e-6, false, 1.0);
+  EXPECT_TRUE(close(ab.x.cpu(), rb.x, 1e-2)) << "dx";
+  EXPECT_TRUE(close(ab.weight.cpu(), rb.weight, 1e-2)) << "dweight";
+  EXPECT_TRUE(close(ab.bias.cpu(), rb.bias, 1e-2)) << "dbias";
 }
 
 TEST(GpuNorm, AutogradMatchesCpu) {
