@@ -27,6 +27,12 @@ enum class GemmDType : int { bf16 = 0, f32 = 1 };
 // benchmarks can exercise every path on one GPU. cublas is the explicit reference switch.
 enum class GemmKernel : int { auto_select = 0, sm90 = 1, sm80 = 2, skinny = 3, simt = 4, cublas = 5 };
 
+// How the sm90 kernel sums split-K partials: auto_select (the cost model's choice; it considers
+// the cluster reduction only with TQ_GEMM_SM90_SPLIT_CLUSTER=1), global (fp32 workspace + a
+// second kernel), cluster (distributed shared memory within a thread-block cluster; an error
+// where it cannot launch). The GPU tests force each.
+enum class GemmSplitReduce : int { auto_select = 0, global = 1, cluster = 2 };
+
 struct GemmParams {
   int M = 0, N = 0, K = 0;
   const __nv_bfloat16* A = nullptr;  // (M, K) row-major, or (K, M) when trans_a
@@ -51,6 +57,7 @@ struct GemmParams {
   GemmKernel kernel = GemmKernel::auto_select;
   int split_k = 0;  // 0: heuristic; >0 forces the number of K splits (sm90 / skinny)
   int tile_n = 0;   // 0: heuristic; 128/192/256 forces the sm90 tile width
+  GemmSplitReduce split_reduce = GemmSplitReduce::auto_select;  // sm90 split-K only
 };
 
 // Everything the epilogue needs, by value into the kernels.

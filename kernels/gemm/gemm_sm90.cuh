@@ -10,8 +10,15 @@
 //   N-major  B tile: (BK, BN)  BN/64 boxes of (BK, 64)                 -> LBO = 8192, SBO = 1024
 // Tails in M, N and K need no code: TMA zero-fills out-of-range box elements and the epilogue
 // masks rows/columns beyond (M, N).
-// Split-K: a work unit is (tile, split); with splits > 1 the raw fp32 sums go to a workspace
-// (splits, M, N) and gemm_splitk_epilogue_kernel applies the epilogue.
+// Split-K: a work unit is (tile, split). Two ways to sum the splits:
+//  - cluster (2..8 splits; the automatic choice considers it with TQ_GEMM_SM90_SPLIT_CLUSTER=1,
+//    GemmParams::split_reduce forces it per call): the splits of a tile are the CTAs of one thread-block
+//    cluster, one unit each. After the mainloop each CTA parks its fp32 (BM, BN) partial in its own
+//    (now idle) stage ring; CTA r of the cluster then sums rows [r BM/S, (r+1) BM/S) of the tile
+//    over the S partials through distributed shared memory, in split order (deterministic), and
+//    applies the epilogue. No fp32 partials in global memory, no second launch.
+//  - global: the raw fp32 sums go to a workspace (splits, M, N) and gemm_splitk_epilogue_kernel
+//    applies the epilogue (more than 8 splits, or a device where the clusters cannot launch).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and the cuTensorMapEncodeTiled signature (resolved at run time)
@@ -49,6 +56,10 @@ struct Config {
   // + 1024 to align the ring to the 128B-swizzle atom, + barriers.
   static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 1024 + 2 * kStages * 8;
   static_assert(kSmemBytes <= 232448, "over the sm_90 shared-memory limit");
+  // Cluster split-K: the (BM, BN) fp32 partial in the stage ring, rows padded by 8 floats so that
+  // the fragment stores (a warp: 8 rows x 32 bytes) take the minimum 2 wavefronts.
+  static constexpr int kPartPitch = BN + 8;
+  static_assert(kBM * kPartPitch * 4 <= kStages * kStageBytes, "the partial tile must fit the ring");
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -117,6 +128,22 @@ __device__ __forceinline__ void named_bar(int id) {
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
+// Every thread of every CTA of the cluster arrives; the wait makes the others' shared-memory
+// writes before their arrival visible (release / acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// 16 bytes of CTA `rank`'s shared memory at the address `addr` has in this CTA.
+__device__ __forceinline__ float4 ld_dsmem_f4(uint32_t addr, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
 template <int R>
 __device__ __forceinline__ void fence_operands(float (&d)[R]) {
 #pragma unroll
@@ -152,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a,
                      const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_c, Epilogue epi,
-                     float* __restrict__ ws, Schedule sched, int tma_c) {
+                     float* __restrict__ ws, Schedule sched, int tma_c, int cluster_split) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
@@ -179,7 +206,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int units = sched.units();
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (threadIdx.x != 0) return;
+    if (threadIdx.x != 0) {
+      if (cluster_split) {  // the cluster barriers count every thread of every CTA
+        cluster_sync();
+        cluster_sync();
+      }
+      return;
+    }
     int stage = 0;
     uint32_t phase = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
@@ -209,6 +242,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           phase ^= 1;
         }
       }
+    }
+    if (cluster_split) {
+      cluster_sync();
+      cluster_sync();
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
@@ -251,6 +288,59 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_operands(acc);
       if (prev >= 0 && lane == 0) mbar_arrive(empty(prev));
+
+      if (cluster_split) {
+        // One unit per CTA: the ring is idle once both consumer warpgroups are past the mainloop
+        // (the producer has nothing more to load). Park the fp32 partial there, row-major.
+        asm volatile("bar.sync 3, 256;" ::: "memory");
+        float* part = reinterpret_cast<float*>(smem_raw + (base - smem_addr(smem_raw)));
+        const int r = cw * 64 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int q = 0; q < BN / 8; ++q) {
+          const int c = 8 * q + 2 * (lane % 4);
+          *reinterpret_cast<float2*>(part + r * Cfg::kPartPitch + c) = make_float2(acc[4 * q], acc[4 * q + 1]);
+          *reinterpret_cast<float2*>(part + (r + 8) * Cfg::kPartPitch + c) =
+              make_float2(acc[4 * q + 2], acc[4 * q + 3]);
+        }
+        cluster_sync();  // every split of the tile is parked
+        // This CTA (cluster rank = split) sums rows [r0, r1) of the tile over the splits in split
+        // order, two float4 per thread per round with all splits' loads in flight.
+        const int splits = sched.splits, rank = u % splits;
+        const int r0 = rank * kBM / splits, r1 = (rank + 1) * kBM / splits;
+        constexpr int Q = BN / 4;  // float4 per partial row
+        const int items = (r1 - r0) * Q, tc = threadIdx.x - 128;
+#pragma unroll 1
+        for (int i0 = tc; i0 < items; i0 += 2 * 256) {
+          uint32_t off[2];
+          int row[2], col[2];
+          bool ok[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int i = i0 + 256 * j, rr = r0 + i / Q, c4 = i % Q;
+            row[j] = tm * kBM + rr;
+            col[j] = tn * BN + 4 * c4;
+            ok[j] = i < items && row[j] < epi.M && col[j] < epi.N;
+            off[j] = base + 4u * (rr * Cfg::kPartPitch + 4 * c4);
+          }
+          float4 v[8][2];
+#pragma unroll
+          for (int s = 0; s < 8; ++s)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+              if (s < splits && ok[j]) v[s][j] = ld_dsmem_f4(off[j], s);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            if (!ok[j]) continue;
+            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int s = 0; s < 8; ++s)
+              if (s < splits) sum.x += v[s][j].x, sum.y += v[s][j].y, sum.z += v[s][j].z, sum.w += v[s][j].w;
+            epi_store4(epi, row[j], col[j], sum);
+          }
+        }
+        cluster_sync();  // no CTA leaves (or reuses its ring) while another still reads it
+        continue;
+      }
 
       // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...),
       // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4).
@@ -410,19 +500,102 @@ inline int num_sms() {
 
 struct Choice {
   int bn, splits;
+  bool cluster;  // splits summed through distributed shared memory (see the kernel)
 };
 
-// Refinement of a split-K choice whose units form one partial wave (e.g. dw 4544/2048/256, the
-// C (256, 2048) = dYᵀ·X of a 256-wide projection, K = 4544: 32 tiles x 3 splits = 96 of 132 SMs,
-// 0.61 of cuBLAS): add splits while the units still fit one wave, each keeps >= 16 k blocks of
-// mainloop and the fp32 partials stay L2-resident (<= 24 MB). The model's split cost (1.9 TB/s)
-// was calibrated on partials larger than L2 and overstates it here: it rates 4 splits within its
-// 2% hysteresis of 3, while 3 -> 4 cuts every unit's mainloop by a quarter for one more 2 MB
-// slice of L2 traffic (expected: ~18.7 us -> ~14.5 us, about 0.79 of cuBLAS; not yet measured). Only M >= 256 with split-K already chosen is affected (among
-// the benchmarked shapes, that single dw shape; small-M decoding shapes are memory-bound and keep
-// the model's choice).
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+
+// Whether the automatic choice may pick the cluster split-K reduction: TQ_GEMM_SM90_SPLIT_CLUSTER=1.
+// Off by default until its benchmark A/B (tools/device_gemm_ab.sh) has run on the device; the
+// GPU tests force it per call (GemmParams::split_reduce).
+inline bool cluster_split_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TQ_GEMM_SM90_SPLIT_CLUSTER");
+    return v && v[0] == '1';
+  }();
+  return enabled;
+}
+
+template <int BN, bool AM, bool BN_MAJOR>
+void set_smem_attribute() {
+  static const bool done = [] {
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<BN, AM, BN_MAJOR>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Config<BN>::kSmemBytes));
+    return true;
+  }();
+  (void)done;
+}
+
+// How many clusters of `splits` CTAs of the BN-wide kernel the device runs at once (one CTA per
+// SM, a cluster within one GPC); 0 where such clusters cannot launch.
+// A launch of `grid` CTAs of the GEMM kernel in clusters of `splits` along x.
+struct ClusterLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t cfg{};
+  ClusterLaunch(int64_t grid, int splits, size_t smem, cudaStream_t stream) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(splits);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg points at attr
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+template <int BN>
+int query_cluster_capacity(int splits) {
+  set_smem_attribute<BN, false, false>();
+  const ClusterLaunch launch(int64_t(splits) * 64, splits, Config<BN>::kSmemBytes, nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, gemm_sm90_kernel<BN, false, false>, &launch.cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it, and use the global split path
+    n = 0;
+  }
+  return n;
+}
+
+// Cluster capacities of this device for every width and cluster size, looked up once per device
+// (the cost model asks for them on every call; host time matters for the small GEMMs).
+struct ClusterCaps {
+  int n[3][kMaxClusterSplits + 1] = {};  // [bn 128 / 192 / 256][splits]
+  int at(int bn, int splits) const {
+    if (splits < 2 || splits > kMaxClusterSplits) return 0;
+    return n[bn == 256 ? 2 : bn == 192 ? 1 : 0][splits];
+  }
+};
+
+inline const ClusterCaps& cluster_caps() {
+  constexpr int kMaxDevices = 64;
+  static ClusterCaps caps[kMaxDevices];
+  static bool known[kMaxDevices] = {};
+  static const ClusterCaps none{};
+  int dev = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= kMaxDevices) return none;
+  if (!known[dev]) {
+    for (int s = 2; s <= kMaxClusterSplits; ++s) {
+      caps[dev].n[0][s] = query_cluster_capacity<128>(s);
+      caps[dev].n[1][s] = query_cluster_capacity<192>(s);
+      caps[dev].n[2][s] = query_cluster_capacity<256>(s);
+    }
+    known[dev] = true;
+  }
+  return caps[dev];
+}
+
+// Refinement of a global split-K choice whose units form one partial wave (e.g. dw 4544/2048/256,
+// the C (256, 2048) = dYᵀ·X of a 256-wide projection, K = 4544: 32 tiles x 3 splits = 96 of 132
+// SMs): add splits while the units still fit one wave, each keeps >= 16 k blocks of mainloop and
+// the fp32 partials stay L2-resident (<= 24 MB). Only M >= 256 with split-K already chosen is
+// affected; small-M decoding shapes are memory-bound and keep the model's choice.
 inline Choice fill_single_wave(Choice best, int M, int N, int K, int sms) {
-  if (best.splits <= 1 || M < 2 * kBM) return best;
+  if (best.cluster || best.splits <= 1 || M < 2 * kBM) return best;
   const int kb = (K + kBK - 1) / kBK;
   const int64_t tiles = static_cast<int64_t>((M + kBM - 1) / kBM) * ((N + best.bn - 1) / best.bn);
   while (tiles * (best.splits + 1) <= sms && kb / (best.splits + 1) >= 16 &&
@@ -433,29 +606,45 @@ inline Choice fill_single_wave(Choice best, int M, int N, int K, int sms) {
 
 // Cost model: a CTA runs ceil(units / SMs) units of ceil(k_blocks / splits) k blocks each; a k
 // block costs time proportional to its MACs (narrower tiles slightly less efficient); the whole
-// call cannot beat reading A and B once and writing C (small M is memory-bound); split-K adds a
-// pass over (splits, M, N) fp32 partials and a launch.
-inline Choice choose(int M, int N, int K, int sms) {
+// call cannot beat reading A and B once and writing C (small M is memory-bound). Split-K adds
+// either (global) a pass over (splits, M, N) fp32 partials and a launch, or (cluster, 2..8
+// splits, when the device runs `capacity(bn, s)` >= tiles clusters at once) the exchange of one
+// fp32 tile per CTA through distributed shared memory.
+template <class Capacity>
+Choice choose(int M, int N, int K, int sms, Capacity&& capacity) {
   const int kb = (K + kBK - 1) / kBK;
   const double flops_per_s_sm = 5.9e12, bytes_per_s = 3.2e12;
   const double t_mem = (2.0 * (double(M) * K + double(N) * K) + 2.0 * double(M) * N) / bytes_per_s;
-  Choice best{256, 1};
+  Choice best{256, 1, false};
   double best_t = 1e30;
   for (int bn : {256, 192, 128}) {
     const double eff = bn == 256 ? 1.0 : bn == 192 ? 0.96 : 0.90;
+    const double t_kb = (2.0 * kBM * bn * kBK) / (flops_per_s_sm * eff);
     const int64_t tiles = static_cast<int64_t>((M + kBM - 1) / kBM) * ((N + bn - 1) / bn);
     for (int s = 1; s <= 16 && s <= kb; ++s) {
       if (s > 1 && kb / s < 4) break;
-      const int64_t waves = (tiles * s + sms - 1) / sms;
       const int kb_per = (kb + s - 1) / s;
-      double t = waves * (kb_per * (2.0 * kBM * bn * kBK) / (flops_per_s_sm * eff) + 1.0e-6);
+      // Cluster split-K only where all of its clusters run at once: one unit per CTA gives up
+      // the persistent kernel's overlap of a tile's epilogue with the next tile's loads.
+      int cap = s > 1 ? capacity(bn, s) : 0;
+      if (cap < tiles) cap = 0;
+      double t;
+      if (cap > 0) {
+        // Cluster: units of one tile run together; the exchange reads (s-1)/s of a (BM, BN) fp32
+        // tile per CTA (assumed ~200 GB/s per SM) between two cluster barriers.
+        const double t_red = 0.5e-6 + kBM * bn * 4.0 * (s - 1) / s / 200e9;
+        t = kb_per * t_kb + 1.0e-6 + t_red;
+      } else {
+        const int64_t waves = (tiles * s + sms - 1) / sms;
+        t = waves * (kb_per * t_kb + 1.0e-6);
+        // fp32 partials written and read back: measured on the H200 at about 1.9 TB/s effective
+        // (M=1136, N=2048, K=16384: 4 splits cost ~40 us more than the model's mainloop saving).
+        if (s > 1) t += (4.0 * s * M * N * 2.0) / 1.9e12 + 3.0e-6;
+      }
       t = std::max(t, t_mem * (tiles * s < sms / 2 ? 2.0 : 1.0));  // few CTAs: less bandwidth
-      // fp32 partials written and read back: measured on the H200 at about 1.9 TB/s effective
-      // (M=1136, N=2048, K=16384: 4 splits cost ~40 us more than the model's mainloop saving).
-      if (s > 1) t += (4.0 * s * M * N * 2.0) / 1.9e12 + 3.0e-6;
       if (t < best_t * 0.98) {
         best_t = t;
-        best = {bn, s};
+        best = {bn, s, cap > 0};
       }
     }
   }
@@ -463,15 +652,10 @@ inline Choice choose(int M, int N, int K, int sms) {
 }
 
 template <int BN, bool AM, bool BN_MAJOR>
-void launch_tile(const GemmParams& p, int splits, float* ws, int sms, cudaStream_t stream) {
+void launch_tile(const GemmParams& p, int splits, bool cluster, float* ws, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
   auto kernel = gemm_sm90_kernel<BN, AM, BN_MAJOR>;
-  static const bool attr_set = [&] {
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       Cfg::kSmemBytes));
-    return true;
-  }();
-  (void)attr_set;
+  set_smem_attribute<BN, AM, BN_MAJOR>();
   // A: K-major (M, K) box (128, 64) | M-major (K, M) box (64, 64)
   const CUtensorMap ma = AM ? make_tensor_map(p.A, p.K, p.M, p.lda, kBK)
                             : make_tensor_map(p.A, p.M, p.K, p.lda, kBM);
@@ -484,25 +668,37 @@ void launch_tile(const GemmParams& p, int splits, float* ws, int sms, cudaStream
   if (tma_c) mc = make_tensor_map(p.C, p.M, p.N, p.ldc, 64);  // box (64, 64)
   Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK};
   const int64_t units = static_cast<int64_t>(sched.tiles_m) * sched.tiles_n * splits;
+  const Epilogue epi = make_epilogue(p);
+  if (cluster) {
+    // One unit per CTA, the splits of a tile in one cluster (cluster rank = split).
+    TQ_CHECK(units < (int64_t(1) << 31), "gemm sm90: too many work units");
+    const ClusterLaunch launch(units, splits, Cfg::kSmemBytes, stream);
+    TQ_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, ma, mb, mc, epi, ws, sched, 0, 1));
+    return;
+  }
   const int grid = static_cast<int>(std::min<int64_t>(units, sms));
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, mc, make_epilogue(p), ws, sched,
-                                                      tma_c ? 1 : 0);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, mc, epi, ws, sched, tma_c ? 1 : 0, 0);
   TQ_CUDA_CHECK_LAUNCH();
 }
 
 template <int BN>
-void launch_bn(const GemmParams& p, int splits, float* ws, int sms, cudaStream_t stream) {
+void launch_bn(const GemmParams& p, int splits, bool cluster, float* ws, int sms, cudaStream_t stream) {
   const bool am = p.trans_a, bn_major = !p.trans_b;
-  if (!am && !bn_major) launch_tile<BN, false, false>(p, splits, ws, sms, stream);
-  else if (!am && bn_major) launch_tile<BN, false, true>(p, splits, ws, sms, stream);
-  else if (am && !bn_major) launch_tile<BN, true, false>(p, splits, ws, sms, stream);
-  else launch_tile<BN, true, true>(p, splits, ws, sms, stream);
+  if (!am && !bn_major) launch_tile<BN, false, false>(p, splits, cluster, ws, sms, stream);
+  else if (!am && bn_major) launch_tile<BN, false, true>(p, splits, cluster, ws, sms, stream);
+  else if (am && !bn_major) launch_tile<BN, true, false>(p, splits, cluster, ws, sms, stream);
+  else launch_tile<BN, true, true>(p, splits, cluster, ws, sms, stream);
 }
 
 inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
   TQ_CHECK(operands_fit(p), "gemm sm90: A and B need 16-byte aligned bases and lda, ldb % 8 == 0");
   const int sms = num_sms();
-  Choice c = choose(p.M, p.N, p.K, sms);
+  // The environment switch steers the automatic choice; a call that asks for one reduction gets it.
+  const bool cluster_ok = p.split_reduce == GemmSplitReduce::cluster ||
+                          (p.split_reduce == GemmSplitReduce::auto_select && cluster_split_enabled());
+  const ClusterCaps& caps = cluster_caps();
+  auto capacity = [&](int bn, int s) { return cluster_ok ? caps.at(bn, s) : 0; };
+  Choice c = choose(p.M, p.N, p.K, sms, capacity);
   // Tuning knobs for benchmark sweeps (cost-model calibration): TQ_GEMM_SM90_TILE_N and
   // TQ_GEMM_SM90_SPLIT override the model where the call itself forces nothing.
   static const int env_bn = env_int("TQ_GEMM_SM90_TILE_N"), env_split = env_int("TQ_GEMM_SM90_SPLIT");
@@ -511,14 +707,21 @@ inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
   if (p.split_k) c.splits = std::min(p.split_k, (p.K + kBK - 1) / kBK);
   else if (env_split) c.splits = std::min(env_split, (p.K + kBK - 1) / kBK);
   TQ_CHECK(c.bn == 128 || c.bn == 192 || c.bn == 256, "gemm sm90: tile_n must be 128, 192 or 256");
-  GemmScratch scratch(p, c.splits > 1 ? sizeof(float) * c.splits * p.M * size_t(p.N) : 0, stream);
+  // A forced width or split count takes the cluster reduction wherever it can launch (the model's
+  // own choice uses it only where every cluster runs at once).
+  if (p.tile_n || env_bn || p.split_k || env_split) c.cluster = c.splits > 1 && capacity(c.bn, c.splits) > 0;
+  TQ_CHECK(p.split_reduce != GemmSplitReduce::cluster || c.splits == 1 || c.cluster,
+           "gemm sm90: the cluster split-K reduction cannot run ", c.splits, " splits of width ", c.bn,
+           " here (2..", kMaxClusterSplits, " splits, cluster launch support)");
+  const bool global_split = c.splits > 1 && !c.cluster;
+  GemmScratch scratch(p, global_split ? sizeof(float) * c.splits * p.M * size_t(p.N) : 0, stream);
   float* ws = scratch.f32();
   switch (c.bn) {
-    case 256: launch_bn<256>(p, c.splits, ws, sms, stream); break;
-    case 192: launch_bn<192>(p, c.splits, ws, sms, stream); break;
-    default: launch_bn<128>(p, c.splits, ws, sms, stream); break;
+    case 256: launch_bn<256>(p, c.splits, c.cluster, ws, sms, stream); break;
+    case 192: launch_bn<192>(p, c.splits, c.cluster, ws, sms, stream); break;
+    default: launch_bn<128>(p, c.splits, c.cluster, ws, sms, stream); break;
   }
-  if (c.splits > 1) launch_splitk_epilogue(ws, c.splits, make_epilogue(p), stream);
+  if (global_split) launch_splitk_epilogue(ws, c.splits, make_epilogue(p), stream);
 }
 
 }  // namespace tq::kernels::sm90

@@ -17,6 +17,7 @@ namespace {
 using tq::kernels::GemmDType;
 using tq::kernels::GemmKernel;
 using tq::kernels::GemmParams;
+using tq::kernels::GemmSplitReduce;
 using tq::testing::DevBuf;
 
 #define TQ_SKIP_WITHOUT_GPU() \
@@ -30,12 +31,13 @@ struct Case {
   float alpha = 1.0f, beta = 0.0f;
   bool bias = false, bias_f32 = true, residual = false;
   int split_k = 0, tile_n = 0;
+  GemmSplitReduce split_reduce = GemmSplitReduce::auto_select;
   int pad = 8;  // leading dimensions = row length rounded up to 8, plus pad
   std::string str() const {
     return tq::str_cat("M=", M, " N=", N, " K=", K, " ta=", ta, " tb=", tb, " kernel=",
                        static_cast<int>(kernel), " f32out=", out_f32, " alpha=", alpha,
-                       " beta=", beta, " bias=", bias, " residual=", residual, " split_k=", split_k,
-                       " tile_n=", tile_n, " pad=", pad);
+                       " beta=", beta, " bias=", bias, " residual=", residual,  " split_k=", split_k,
+                       " split_reduce=", static_cast<int>(split_reduce), " tile_n=", tile_n, " pad=", pad);
   }
 };
 
@@ -111,7 +113,7 @@ struct Problem {
     p.bias = c.bias ? bias.as() : nullptr;
     p.bias_dtype = c.bias_f32 ? GemmDType::f32 : GemmDType::bf16;
     p.residual = c.residual ? R.as() : nullptr, p.ldr = ldr;
-    p.kernel = c.kernel, p.split_k = c.split_k, p.tile_n = c.tile_n;
+    p.kernel = c.kernel, p.split_k = c.split_k, p.tile_n = c.tile_n, p.split_reduce = c.split_reduce;
   }
 
   // float64 reference of the whole epilogue, from the device inputs (C read before the run).
@@ -169,6 +171,17 @@ void check_against_cpu(const Case& c) {
 
 bool sm90_here() { return tq::testing::gpu_present() && tq::kernels::gemm_sm90_available(); }
 
+// A split-K case on sm90 through both reductions: the fp32 workspace + second kernel, and the
+// thread-block cluster exchanging partials through distributed shared memory (2..8 splits).
+void check_split_reduces(Case c) {
+  c.split_reduce = GemmSplitReduce::global;
+  check_against_cpu(c);
+  if (c.split_k >= 2 && c.split_k <= 8) {
+    c.split_reduce = GemmSplitReduce::cluster;
+    check_against_cpu(c);
+  }
+}
+
 const bool kLayouts[4][2] = {{false, true}, {false, false}, {true, false}, {true, true}};
 
 TEST(GpuGemm, Sm90EveryLayoutAndTile) {
@@ -187,19 +200,23 @@ TEST(GpuGemm, Sm90SplitKAndPersistentTiles) {
   TQ_SKIP_WITHOUT_GPU();
   if (!sm90_here()) GTEST_SKIP() << "not an sm_90 device with the sm_90a build";
   for (auto [ta, tb] : kLayouts) {
-    check_against_cpu({.M = 136, .N = 264, .K = 4304, .ta = ta, .tb = tb,
-                       .kernel = GemmKernel::sm90, .split_k = 3, .tile_n = 128});
+    check_split_reduces({.M = 136, .N = 264, .K = 4304, .ta = ta, .tb = tb,
+                         .kernel = GemmKernel::sm90, .split_k = 3, .tile_n = 128});
+    // every cluster size, each width: rows of a tile split unevenly (128 / 3, / 5, / 7)
+    for (int splits : {2, 5, 7, 8})
+      check_split_reduces({.M = 200, .N = 520, .K = 1160, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
+                           .split_k = splits, .tile_n = splits == 2 ? 256 : splits == 5 ? 192 : 128});
     // more tiles than SMs: each persistent CTA runs several units through one barrier ring
     check_against_cpu({.M = 1136, .N = 2056, .K = 200, .ta = ta, .tb = tb,
                        .kernel = GemmKernel::sm90, .tile_n = 128});
   }
-  check_against_cpu({.M = 4304, .N = 1152, .K = 136, .ta = true, .tb = false,
-                     .kernel = GemmKernel::sm90, .split_k = 2, .tile_n = 256});
+  check_split_reduces({.M = 4304, .N = 1152, .K = 136, .ta = true, .tb = false,
+                       .kernel = GemmKernel::sm90, .split_k = 2, .tile_n = 256});
   for (auto [ta, tb] : kLayouts)
     for (int M : {1, 16}) {  // decoding sizes run here too on sm_90
       check_against_cpu({.M = M, .N = 4304, .K = 2048, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90});
-      check_against_cpu({.M = M, .N = 264, .K = 1152, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
-                         .split_k = 5});
+      check_split_reduces({.M = M, .N = 264, .K = 1152, .ta = ta, .tb = tb, .kernel = GemmKernel::sm90,
+                           .split_k = 5});
     }
   // The TMA-store epilogue with alpha != 1, tails in M and N, several tiles per CTA; and the
   // same problem forced onto the generic epilogue by an fp32 output.
@@ -212,8 +229,38 @@ TEST(GpuGemm, Sm90SplitKAndPersistentTiles) {
   // N odd (B K-major allows it): the scalar store fallbacks of the epilogue and of split-K
   check_against_cpu({.M = 130, .N = 77, .K = 520, .ta = false, .tb = true, .kernel = GemmKernel::sm90,
                      .bias = true, .residual = true});
-  check_against_cpu({.M = 130, .N = 77, .K = 520, .ta = false, .tb = true, .kernel = GemmKernel::sm90,
-                     .out_f32 = true, .beta = 1.0f, .split_k = 3});
+  check_split_reduces({.M = 130, .N = 77, .K = 520, .ta = false, .tb = true, .kernel = GemmKernel::sm90,
+                       .out_f32 = true, .beta = 1.0f, .split_k = 3});
+}
+
+// The two split-K reductions add the same fp32 partials in the same order (split 0 first, from
+// zero): their outputs must agree bit for bit, for bf16 and fp32 C, at a model shape the cost
+// model splits (dw of a 256-wide projection) and with a full epilogue.
+TEST(GpuGemm, Sm90SplitReducesAgreeBitwise) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (!sm90_here()) GTEST_SKIP() << "not an sm_90 device with the sm_90a build";
+  const Case cases[] = {
+      {.M = 256, .N = 2048, .K = 4544, .ta = true, .tb = false, .kernel = GemmKernel::sm90, .split_k = 8},
+      {.M = 1136, .N = 256, .K = 2048, .ta = false, .tb = true, .kernel = GemmKernel::sm90,
+       .out_f32 = true, .alpha = 0.5f, .beta = 1.0f, .bias = true, .split_k = 6, .tile_n = 128}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.str());
+    Problem pr(c);
+    const size_t bytes = pr.C.bytes();
+    std::vector<uint8_t> c0(bytes), out[2];
+    TQ_CUDA_CHECK(cudaMemcpy(c0.data(), pr.C.as(), bytes, cudaMemcpyDeviceToHost));
+    for (int mode = 0; mode < 2; ++mode) {
+      TQ_CUDA_CHECK(cudaMemcpy(pr.C.as(), c0.data(), bytes, cudaMemcpyHostToDevice));  // beta reads C
+      pr.p.split_reduce = mode ? GemmSplitReduce::cluster : GemmSplitReduce::global;
+      tq::kernels::gemm(pr.p, nullptr);
+      TQ_CUDA_CHECK(cudaDeviceSynchronize());
+      out[mode].resize(bytes);
+      TQ_CUDA_CHECK(cudaMemcpy(out[mode].data(), pr.C.as(), bytes, cudaMemcpyDeviceToHost));
+    }
+    // only the (M, N) elements: the padding of each row keeps its poison in both
+    EXPECT_TRUE(out[0] == out[1]) << "the cluster and global split-K reductions differ";
+    check_against_cpu(c);  // and the result is right
+  }
 }
 
 TEST(GpuGemm, Sm80EveryLayout) {
@@ -264,9 +311,9 @@ TEST(GpuGemm, FusedEpilogues) {
                          .out_f32 = f32, .alpha = -1.5f, .beta = 0.25f});
     }
   if (sm90_here())  // split-K with the full epilogue
-    check_against_cpu({.M = 136, .N = 264, .K = 2304, .ta = false, .tb = true,
-                       .kernel = GemmKernel::sm90, .alpha = 2.0f, .beta = 0.5f, .bias = true,
-                       .residual = true, .split_k = 4, .tile_n = 192});
+    check_split_reduces({.M = 136, .N = 264, .K = 2304, .ta = false, .tb = true,
+                         .kernel = GemmKernel::sm90, .alpha = 2.0f, .beta = 0.5f, .bias = true,
+                         .residual = true, .split_k = 4, .tile_n = 192});
 }
 
 TEST(GpuGemm, CublasReferenceMatchesCpu) {
