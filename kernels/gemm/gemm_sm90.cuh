@@ -696,8 +696,9 @@ inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
   // The environment switch steers the automatic choice; a call that asks for one reduction gets it.
   const bool cluster_ok = p.split_reduce == GemmSplitReduce::cluster ||
                           (p.split_reduce == GemmSplitReduce::auto_select && cluster_split_enabled());
-  const ClusterCaps& caps = cluster_caps();
-  auto capacity = [&](int bn, int s) { return cluster_ok ? caps.at(bn, s) : 0; };
+  static const ClusterCaps no_clusters{};
+  const ClusterCaps& caps = cluster_ok ? cluster_caps() : no_clusters;  // no queries when not asked
+  auto capacity = [&](int bn, int s) { return caps.at(bn, s); };
   Choice c = choose(p.M, p.N, p.K, sms, capacity);
   // Tuning knobs for benchmark sweeps (cost-model calibration): TQ_GEMM_SM90_TILE_N and
   // TQ_GEMM_SM90_SPLIT override the model where the call itself forces nothing.
