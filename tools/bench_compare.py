@@ -7,22 +7,18 @@ same binary with and without a kernel option (TQ_GEMM_SM90_SPLIT_CLUSTER=1) in o
 Prints the shapes whose ratio differs by more than 3% between the files or is below 0.75 in any
 (every shape with --all), then the geometric mean and minimum of each file over M >= --min-m.
 """
-import json
 import math
+import os
 import sys
-from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_table import gemm_pairs, load_runs  # noqa: E402
 
 
 def ratios(path):
-    runs = [b for b in json.load(open(path))["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
-    g = defaultdict(dict)
-    for b in runs:
-        parts = b["name"].split("/")
-        if parts[0] == "gemm" and len(parts) >= 6 and "TFLOPS" in b:
-            _, impl, op, M, K, N = parts[:6]
-            g[(op, int(M), int(K), int(N))][impl] = (b["TFLOPS"], b.get("us", 0.0))
-    return {k: (v["tq"][0] / v["cublas"][0], v["tq"][1], v["cublas"][1]) for k, v in g.items()
-            if "tq" in v and "cublas" in v}
+    """{(op, M, K, N): (tq / cuBLAS, tq us, cuBLAS us)} of one JSON."""
+    return {k: (v["tq"]["TFLOPS"] / v["cublas"]["TFLOPS"], v["tq"].get("us", 0.0), v["cublas"].get("us", 0.0))
+            for k, v in gemm_pairs(load_runs(path)).items()}
 
 
 def main(argv):

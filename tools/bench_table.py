@@ -15,8 +15,23 @@ STANDARD = {"name", "run_name", "run_type", "repetitions", "repetition_index", "
             "aggregate_name", "aggregate_unit", "label", "error_occurred", "error_message"}
 
 
+def load_runs(path):
+    return [b for b in json.load(open(path))["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
+
+
+def gemm_pairs(runs):
+    """{(op, M, K, N): {"tq": run, "cublas": run}} from the gemm/<impl>/<op>/M/K/N benchmarks."""
+    gemm = defaultdict(dict)
+    for b in runs:
+        parts = b["name"].split("/")
+        if parts[0] == "gemm" and len(parts) >= 6 and "TFLOPS" in b:
+            _, impl, op, M, K, N = parts[:6]
+            gemm[(op, int(M), int(K), int(N))][impl] = b
+    return {k: v for k, v in gemm.items() if "tq" in v and "cublas" in v}
+
+
 def main(path):
-    runs = [b for b in json.load(open(path))["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
+    runs = load_runs(path)
     copy = next((b["GB/s"] for b in runs if "GB/s" in b and "memcpy" in b["name"]), None)
     print(f"{'benchmark':64s} {'time':>10s}  counters")
     for b in runs:
@@ -29,13 +44,7 @@ def main(path):
             extra["%copy"] = 100 * extra["GB/s"] / copy
         cs = "  ".join(f"{k}={v:.4g}" for k, v in extra.items())
         print(f"{name:64s} {b['real_time']:9.1f}{b['time_unit']:>2s}  {cs}")
-    gemm = defaultdict(dict)
-    for b in runs:
-        parts = b["name"].split("/")
-        if parts[0] == "gemm" and len(parts) >= 6 and "TFLOPS" in b:
-            _, impl, op, M, K, N = parts[:6]
-            gemm[(op, int(M), int(K), int(N))][impl] = b["TFLOPS"]
-    big = [(k, v["tq"] / v["cublas"]) for k, v in gemm.items() if "tq" in v and "cublas" in v and k[1] >= 1136]
+    big = [(k, v["tq"]["TFLOPS"] / v["cublas"]["TFLOPS"]) for k, v in gemm_pairs(runs).items() if k[1] >= 1136]
     if big:
         g = math.exp(sum(math.log(r) for _, r in big) / len(big))
         worst = min(big, key=lambda x: x[1])

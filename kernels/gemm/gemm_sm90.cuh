@@ -206,44 +206,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int units = sched.units();
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (threadIdx.x != 0) {
-      if (cluster_split) {  // the cluster barriers count every thread of every CTA
-        cluster_sync();
-        cluster_sync();
-      }
-      return;
-    }
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int u = blockIdx.x; u < units; u += gridDim.x) {
-      int tm, tn, kb0, kb1;
-      sched.decode(u, tm, tn, kb0, kb1);
-      for (int kb = kb0; kb < kb1; ++kb) {
-        mbar_wait(empty(stage), phase ^ 1);
-        mbar_expect_tx(full(stage), Cfg::kStageBytes);
-        const uint32_t sa = base + stage * Cfg::kStageBytes;
-        const uint32_t sb = sa + Cfg::kABytes;
-        if constexpr (!kAMajorM) {
-          tma_load_2d(sa, &tm_a, full(stage), kb * kBK, tm * kBM);  // box (BM, BK)
-        } else {
+    if (threadIdx.x == 0) {  // one thread issues every load
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        int tm, tn, kb0, kb1;
+        sched.decode(u, tm, tn, kb0, kb1);
+        for (int kb = kb0; kb < kb1; ++kb) {
+          mbar_wait(empty(stage), phase ^ 1);
+          mbar_expect_tx(full(stage), Cfg::kStageBytes);
+          const uint32_t sa = base + stage * Cfg::kStageBytes;
+          const uint32_t sb = sa + Cfg::kABytes;
+          if constexpr (!kAMajorM) {
+            tma_load_2d(sa, &tm_a, full(stage), kb * kBK, tm * kBM);  // box (BM, BK)
+          } else {
 #pragma unroll
-          for (int c = 0; c < kBM / 64; ++c)  // boxes (BK, 64)
-            tma_load_2d(sa + c * 8192, &tm_a, full(stage), tm * kBM + c * 64, kb * kBK);
-        }
-        if constexpr (!kBMajorN) {
-          tma_load_2d(sb, &tm_b, full(stage), kb * kBK, tn * BN);  // box (BN, BK)
-        } else {
+            for (int c = 0; c < kBM / 64; ++c)  // boxes (BK, 64)
+              tma_load_2d(sa + c * 8192, &tm_a, full(stage), tm * kBM + c * 64, kb * kBK);
+          }
+          if constexpr (!kBMajorN) {
+            tma_load_2d(sb, &tm_b, full(stage), kb * kBK, tn * BN);  // box (BN, BK)
+          } else {
 #pragma unroll
-          for (int c = 0; c < BN / 64; ++c)  // boxes (BK, 64)
-            tma_load_2d(sb + c * 8192, &tm_b, full(stage), tn * BN + c * 64, kb * kBK);
-        }
-        if (++stage == S) {
-          stage = 0;
-          phase ^= 1;
+            for (int c = 0; c < BN / 64; ++c)  // boxes (BK, 64)
+              tma_load_2d(sb + c * 8192, &tm_b, full(stage), tn * BN + c * 64, kb * kBK);
+          }
+          if (++stage == S) {
+            stage = 0;
+            phase ^= 1;
+          }
         }
       }
     }
-    if (cluster_split) {
+    if (cluster_split) {  // the cluster barriers count every thread of every CTA (see the consumers)
       cluster_sync();
       cluster_sync();
     }
@@ -526,8 +521,6 @@ void set_smem_attribute() {
   (void)done;
 }
 
-// How many clusters of `splits` CTAs of the BN-wide kernel the device runs at once (one CTA per
-// SM, a cluster within one GPC); 0 where such clusters cannot launch.
 // A launch of `grid` CTAs of the GEMM kernel in clusters of `splits` along x.
 struct ClusterLaunch {
   cudaLaunchAttribute attr{};
@@ -548,6 +541,8 @@ struct ClusterLaunch {
   ClusterLaunch& operator=(const ClusterLaunch&) = delete;
 };
 
+// How many clusters of `splits` CTAs of the BN-wide kernel the device runs at once (one CTA per
+// SM, a cluster within one GPC); 0 where such clusters cannot launch.
 template <int BN>
 int query_cluster_capacity(int splits) {
   set_smem_attribute<BN, false, false>();
