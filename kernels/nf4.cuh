@@ -16,9 +16,11 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. At M = 1 (decoding one sequence) gemv_kernel streams the
-//   codes on CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no
-//   workspace; TQ_NF4_GEMV=0/1 moves the split, see gemv_default_max_rows). Otherwise tensor-core mma (m16n8k16,
+// - The fused product never materializes W. At M = 1 (decoding one sequence) gemv_stationary_kernel
+//   streams the codes on CUDA cores with x held in registers (one table lookup and two fp32 FMAs per
+//   code byte, a fixed reduction order: one launch, no workspace; gemv_kernel where a row is wider
+//   than 16 warps, and at M ≤ 4 with TQ_NF4_GEMV=1; TQ_NF4_GEMV=0 moves every M to the tensor cores,
+//   see gemv_default_max_rows). Otherwise tensor-core mma (m16n8k16,
 //   bf16 in, fp32 accumulate) with the weight as the A operand (16 output rows) and x as B (up to 8
 //   or 16 tokens): the codes enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16),
 //   each 64-block's fp32 scale multiplies that block's fp32 partial sum, the bias (rounded to bf16,
@@ -809,6 +811,177 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
   }
 }
 
+// ---- M = 1, the default: the x-stationary product ----
+//
+// gemv_kernel walks rows and fetches x again for every row: per code byte one table lookup, two x
+// values to read and unpack, two FMAs, ~15 instructions per code byte in all (ncu, 2048 → 16384).
+// Here a lane's K positions never change. A team of TW warps covers a row: lane p of the team owns
+// chunks c = p + P·d (d < D, P = 32·TW) of every row, holds those x values in registers as f32 for
+// the whole kernel and walks the team's rows team, team + T, team + 2T, ... (T teams in the grid).
+// A code byte then costs one PRMT (the byte and the lane's table replica in one address), one
+// ld.shared.v2 (both codes, bf16-rounded, as f32: the 64 KB pair table holds one replica per lane,
+// so a warp's lookups never meet in a bank) and two FMAs. Each lane keeps the next RB rows' codes
+// and raw scales in flight (a register double buffer; the first rows are requested before the CTA
+// builds its table) while it decodes the current RB. The RB row sums leave the warp in one
+// transposed shuffle reduction (6 shuffles instead of RB × 5), land in shared memory per (row,
+// warp), and once per round of RR rows the CTA adds each row's TW warp sums in warp order, adds the
+// bias (bf16, as NF4Linear holds it) and stores the row once, rounded to bf16. Arithmetic as
+// gemv_kernel: codes as bf16, each chunk's fp32 sum (elements in order) times its 64-block's fp32
+// scale. Deterministic, one launch, no workspace.
+constexpr int kStatMaxWarps = 16;   // warps per CTA at most (one CTA of 16 warps per SM at ≤ 128 registers)
+constexpr int kStatRows = 4;        // RB: rows per batch and lane
+constexpr int kStatRoundRows = 32;  // RR: rows per reduction round, a multiple of RB
+constexpr size_t kStatTableBytes = size_t(256) * 32 * sizeof(float2);  // [byte][lane] f32 pairs: 64 KB
+
+struct StatShape {
+  int64_t C;      // VEC-byte chunks per row: K / (2·VEC)
+  int TW;         // warps per team: ceil(C / (32·D))
+  int teams_cta;  // teams per CTA
+  int64_t T;      // teams in the grid
+  int64_t iters;  // rows per team: ceil(N / T), the same for every team (rows ≥ N load zeros, store nothing)
+};
+
+template <int VEC, int D>
+__global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(SmallMArgs a, StatShape ss, Tables tab) {
+  static_assert((VEC == 16 && D == 1) || (VEC == 8 && (D == 1 || D == 2)), "x in registers: at most 32 floats per lane");
+  constexpr int RB = kStatRows, RR = kStatRoundRows, W = VEC / 4, E = 2 * VEC;
+  static_assert(RB == 4 && RR % RB == 0, "the transposed reduction is written for 4 rows");
+  using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
+  extern __shared__ __align__(16) unsigned char stat_smem[];
+  float2* pairf = reinterpret_cast<float2*>(stat_smem);                // [byte · 32 + lane]
+  float* red = reinterpret_cast<float*>(stat_smem + kStatTableBytes);  // [slot · warps + warp]
+  __shared__ float2 stage[256];
+  __shared__ float dyn[256];
+
+  const int lane = int(threadIdx.x & 31), warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5);
+  const int tl = warp / ss.TW, P = 32 * ss.TW, p = (warp - tl * ss.TW) * 32 + lane;
+  const int64_t team = int64_t(blockIdx.x) * ss.teams_cta + tl;
+  const int64_t N = a.N, K = a.K, C = ss.C, T = ss.T, iters = ss.iters;
+
+  struct Buf {
+    Chunk code[RB][D];
+    RawScale raw[RB][D];
+  };
+  // Rows team + T·(i0 + r), r < RB: the lane's chunks and their raw scales (zeros past the row or N).
+  auto fetch = [&](int64_t i0, Buf& b) {
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      const int64_t n = team + T * (i0 + r);
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        const int64_t c = p + int64_t(P) * d;
+        b.code[r][d] = Chunk{};
+        b.raw[r][d] = RawScale{0u, 0.0f};
+        if (n < N && c < C) {
+          b.code[r][d] = __ldcs(reinterpret_cast<const Chunk*>(a.packed + n * (K / 2) + c * VEC));
+          b.raw[r][d] = load_scale(a.sc, (n * K + c * E) >> 6);
+        }
+      }
+    }
+  };
+  Buf b0, b1;
+  fetch(0, b0);  // in flight while x is loaded and the table built
+
+  // x[c·E .. c·E + E) of the lane's chunks as f32 (zeros for a chunk past the row: its codes decode
+  // to NF4[0] = −1, which must meet x = 0).
+  float xf[D][E];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    const int64_t c = p + int64_t(P) * d;
+#pragma unroll
+    for (int v = 0; v < E / 8; ++v) {
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+      if (c < C) w = __ldg(reinterpret_cast<const uint4*>(a.x + c * E) + v);
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        xf[d][8 * v + 2 * j] = __uint_as_float(ws[j] << 16);
+        xf[d][8 * v + 2 * j + 1] = __uint_as_float(ws[j] & 0xFFFF0000u);
+      }
+    }
+  }
+  for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
+                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
+    dyn[byte] = tab.dyn[byte];
+  }
+  __syncthreads();
+  for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
+    const float2 v = stage[f >> 4];
+    reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
+  }
+  __syncthreads();
+
+  // PRMT(word, lane·8, 0x55?4): byte 0 = lane·8, byte 1 = code byte ?, bytes 2, 3 = 0, i.e. the
+  // byte offset of pairf[byte · 32 + lane].
+  const uint32_t lane_sel = uint32_t(lane) * 8u;
+  const unsigned char* table = stat_smem;
+
+  auto decode = [&](const Buf& b, int64_t i0) {
+    float v[RB];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      float s = 0.0f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        uint32_t cw[W];
+        if constexpr (VEC == 16) cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y, cw[2] = b.code[r][d].z, cw[3] = b.code[r][d].w;
+        else cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y;
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {  // byte 4w + i: elements 2(4w + i) (high nibble) and 2(4w + i) + 1
+            const float2 f = *reinterpret_cast<const float2*>(table + __byte_perm(cw[w], lane_sel, 0x5504u + (i << 4)));
+            t = fmaf(f.y, xf[d][8 * w + 2 * i + 1], fmaf(f.x, xf[d][8 * w + 2 * i], t));
+          }
+        s = fmaf(finish_scale(a.sc, dyn, b.raw[r][d]), t, s);
+      }
+      v[r] = s;
+    }
+    // Transposed reduction: lanes exchange half their rows across 16, then half again across 8, so
+    // each group of 8 lanes holds one row; three butterfly steps finish it. Lane 8j ends with row j.
+    const bool h16 = (lane & 16) != 0, h8 = (lane & 8) != 0;
+    float k0 = h16 ? v[2] : v[0], k1 = h16 ? v[3] : v[1];
+    k0 += __shfl_xor_sync(0xffffffffu, h16 ? v[0] : v[2], 16);
+    k1 += __shfl_xor_sync(0xffffffffu, h16 ? v[1] : v[3], 16);
+    float k = (h8 ? k1 : k0) + __shfl_xor_sync(0xffffffffu, h8 ? k0 : k1, 8);
+    k += __shfl_xor_sync(0xffffffffu, k, 4);
+    k += __shfl_xor_sync(0xffffffffu, k, 2);
+    k += __shfl_xor_sync(0xffffffffu, k, 1);
+    if ((lane & 7) == 0) red[(int(i0 % RR) + (lane >> 3)) * warps + warp] = k;
+  };
+
+  // Rows r0 .. r0 + rows − 1 of every team of the CTA: the TW warp sums in warp order, the bias, one store.
+  auto finish_round = [&](int64_t r0, int rows) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < ss.teams_cta * RR; idx += blockDim.x) {
+      const int t = idx / RR, slot = idx - t * RR;
+      const int64_t n = int64_t(blockIdx.x) * ss.teams_cta + t + T * (r0 + slot);
+      if (slot < rows && n < N) {
+        float s = 0.0f;
+        for (int w = 0; w < ss.TW; ++w) s += red[slot * warps + t * ss.TW + w];
+        if (a.bias) s += __bfloat162float(a.bias[n]);
+        a.y[n] = __float2bfloat16_rn(s);
+      }
+    }
+    __syncthreads();
+  };
+
+  int64_t i0 = 0;  // the same sequence in every team: the barriers are uniform
+  auto step = [&](const Buf& cur, Buf& nxt) -> bool {
+    if (i0 >= iters) return false;
+    if (i0 + RB < iters) fetch(i0 + RB, nxt);
+    decode(cur, i0);
+    const int64_t r0 = i0 - i0 % RR;
+    if (i0 + RB == r0 + RR || i0 + RB >= iters) finish_round(r0, int(iters - r0 < RR ? iters - r0 : RR));
+    i0 += RB;
+    return true;
+  };
+  while (step(b0, b1) && step(b1, b0)) {
+  }
+}
+
 // The general path (any K, any alignment): one warp per output row, each element dequantized
 // exactly as nf4_dequantize does (then rounded to bf16, as the NF4Linear scratch holds it), fp32
 // accumulation per lane, a fixed shuffle tree across lanes.
@@ -1024,6 +1197,81 @@ inline SmallMPlan plan_small_m(int64_t N, int64_t K, const void* packed, const v
   return p;
 }
 
+// The x-stationary kernel's configuration for K: (VEC, D) among (16, 1), (8, 1), (8, 2) (x in
+// registers: ≤ 32 floats per lane; VEC 16 needs K % 32 == 0 and 16-byte aligned codes), the one
+// with the most busy lanes per CTA of ≤ kStatMaxWarps warps (C / (32·D·TW) of each team's lanes
+// have a chunk, kStatMaxWarps / TW teams per CTA), the first of a tie. K 2048 and 16384: 16-byte
+// chunks, every lane busy; K 1152: 8-byte chunks, 72 of 96 lanes (not 36 of 64); K 4304: 8-byte
+// chunks two per lane, 3 teams of 5 warps (not one team of 9). TW = 0 where a row needs more than
+// kStatMaxWarps warps (K > 16384).
+struct StatConfig {
+  int vec = 0, d = 0, TW = 0;
+};
+inline StatConfig stationary_config(int64_t K, bool vec16) {
+  StatConfig best;
+  int64_t best_num = 0, best_den = 1;  // the best score so far, busy lanes per CTA as a fraction
+  for (const auto& [vec, d] : {std::pair{16, 1}, std::pair{8, 1}, std::pair{8, 2}}) {
+    if (vec == 16 && !vec16) continue;
+    const int64_t C = K / (2 * vec), tw = (C + 32 * d - 1) / (32 * d);
+    if (tw < 1 || tw > kStatMaxWarps) continue;
+    const int64_t num = C * (kStatMaxWarps / tw), den = d;  // C/(32·d·tw) · (16/tw)·tw·32 lanes
+    if (best.TW == 0 || num * best_den > best_num * den) best = {vec, d, int(tw)}, best_num = num, best_den = den;
+  }
+  return best;
+}
+
+// TQ_NF4_GEMV_X: unset (or "reg") the x-stationary kernel at M = 1 where it applies; "smem" and
+// "global" gemv_kernel's x-in-shared-memory and x-from-L1 paths (the benchmark's comparisons).
+inline char gemv_x_path() {
+  const char* v = std::getenv("TQ_NF4_GEMV_X");
+  return v == nullptr || v[0] == '\0' ? 'r' : v[0];
+}
+
+template <int VEC, int D>
+inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStream_t st) {
+  constexpr auto kernel = gemv_stationary_kernel<VEC, D>;
+  constexpr size_t kMaxSmem = kStatTableBytes + size_t(kStatRoundRows) * kStatMaxWarps * sizeof(float);
+  const int teams_cta = kStatMaxWarps / TW, threads = teams_cta * TW * 32;
+  const size_t smem = kStatTableBytes + size_t(kStatRoundRows) * size_t(threads / 32) * sizeof(float);
+  // Opt into > 48 KB of dynamic shared memory, and the resident CTAs per SM for each CTA size,
+  // once per device (this runs for every projection of every decoded token).
+  static std::array<std::once_flag, kMaxDevices> once;
+  static std::array<std::array<int, kStatMaxWarps + 1>, kMaxDevices> per_sm{};
+  std::call_once(once[size_t(device)], [device] {
+    DeviceGuard guard(device);
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxSmem)));
+    for (int w = 1; w <= kStatMaxWarps; ++w) {
+      int n = 0;
+      const size_t bytes = kStatTableBytes + size_t(kStatRoundRows) * size_t(w) * sizeof(float);
+      TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, w * 32, bytes));
+      per_sm[size_t(device)][size_t(w)] = std::max(n, 1);
+    }
+  });
+  StatShape ss{};
+  ss.C = a.K / (2 * VEC);
+  ss.TW = TW;
+  ss.teams_cta = teams_cta;
+  const int64_t resident = int64_t(sm_count(device)) * per_sm[size_t(device)][size_t(threads / 32)];
+  int64_t ctas = std::min<int64_t>((a.N + teams_cta - 1) / teams_cta, resident);
+  // TQ_NF4_GEMV_CTAS=n caps the grid (a test hook: many rows per team, several reduction rounds;
+  // a row's sum does not depend on the grid, so the result must not change).
+  if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ctas = std::min<int64_t>(ctas, std::atoi(v));
+  ss.T = ctas * teams_cta;
+  ss.iters = (a.N + ss.T - 1) / ss.T;
+  kernel<<<unsigned(ctas), unsigned(threads), smem, st>>>(a, ss, tables());
+  check_launch();
+}
+
+// The M = 1 product through the x-stationary kernel; false where it does not apply (K > 16384).
+inline bool launch_stationary_for(const SmallMArgs& a, bool vec16, int device, cudaStream_t st) {
+  const StatConfig cfg = stationary_config(a.K, vec16);
+  if (cfg.TW == 0) return false;
+  if (cfg.vec == 16) launch_stationary<16, 1>(a, cfg.TW, device, st);
+  else if (cfg.d == 1) launch_stationary<8, 1>(a, cfg.TW, device, st);
+  else launch_stationary<8, 2>(a, cfg.TW, device, st);
+  return true;
+}
+
 // gemv_kernel's shape and launch for M ≤ kGemvMaxRows. Lanes per row G: the largest power of two
 // that keeps ≥ 85 % of the lanes busy on the row's chunks (C = 36 at K = 1152: 8 lanes × 5 chunks).
 // Rows per group R: 2 (the x chunk a lane loads serves both rows), 1 where that would leave fewer
@@ -1077,9 +1325,8 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
   // M = 1: x staged once per CTA in shared memory, not read from L1 per chunk (1.21× vs 1.10×
   // cuBLAS in geometric mean on the H100, bench/RESULTS.md 2026-12-06); TQ_NF4_GEMV_X=global
   // reads it from L1 (the benchmark's comparison).
-  const char* xe = std::getenv("TQ_NF4_GEMV_X");
   const size_t xbytes = 16 * gemv_x_slots(a.K);
-  const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && !(xe != nullptr && xe[0] == 'g');
+  const bool xsmem = a.M == 1 && bytes == 64 && xbytes <= 64 * 1024 && gemv_x_path() != 'g';
   if (xsmem && R == 2) gemv_x_smem_kernel<gemv_kernel<VEC, 2, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);
   else if (xsmem) gemv_x_smem_kernel<gemv_kernel<VEC, 1, 1, 64, true>>(device)<<<ctas, T, xbytes, st>>>(a, gs, tab);
   else if (a.M == 1 && R == 2 && bytes == 64) gemv_kernel<VEC, 2, 1, 64><<<ctas, T, 0, st>>>(a, gs, tab);
@@ -1097,6 +1344,7 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
 inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
   const Tables& tab = tables();
   if (p.fast && p.gemv(a.M)) {
+    if (a.M == 1 && gemv_x_path() == 'r' && launch_stationary_for(a, p.gemv_vec == 16, device, st)) return;
     if (p.gemv_vec == 16) launch_gemv<16>(a, device, st);
     else launch_gemv<8>(a, device, st);
     return;

@@ -501,8 +501,10 @@ struct Choice {
 constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
 // Whether the automatic choice may pick the cluster split-K reduction: TQ_GEMM_SM90_SPLIT_CLUSTER=1.
-// Off by default until its benchmark A/B (tools/device_gemm_ab.sh) has run on the device; the
-// GPU tests force it per call (GemmParams::split_reduce).
+// Off by default: measured on an H200 (tools/device_gemm_ab.sh, bench/RESULTS.md 2026-12-07) it lifts
+// fwd 1136/2048/256 from 0.52 to 0.69 of cuBLAS but, picked as the cost model picks it, loses 3-4 us on
+// the 1152-wide shapes (geometric mean 0.874 against 0.890). The GPU tests force it per call
+// (GemmParams::split_reduce).
 inline bool cluster_split_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("TQ_GEMM_SM90_SPLIT_CLUSTER");

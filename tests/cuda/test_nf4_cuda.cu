@@ -352,9 +352,10 @@ const std::vector<GemvCase> kGemvCases = {
 
 TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   TQ_REQUIRE_GPU();
-  // Both small-M kernels: the tensor-core one, then gemv_kernel (M ≤ 4, opted in per call) with x
-  // in shared memory at M = 1 (the default), then with x read through L1.
-  const std::pair<const char*, const char*> kPaths[] = {{"0", "smem"}, {"1", "smem"}, {"1", "global"}};
+  // Every small-M kernel: the tensor-core one; then, with M ≤ 4 opted into the CUDA-core kernels,
+  // the x-stationary kernel at M = 1 (the default) and gemv_kernel at M = 2 .. 4, gemv_kernel at
+  // M = 1 with x in shared memory, and with x read through L1.
+  const std::pair<const char*, const char*> kPaths[] = {{"0", "reg"}, {"1", "reg"}, {"1", "smem"}, {"1", "global"}};
   for (const auto& [gemv, xpath] : kPaths)
   for (const GemvCase& c : kGemvCases) {
     ::setenv("TQ_NF4_GEMV", gemv, 1);
@@ -363,7 +364,7 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
     const NF4Tensor qd = q.to(kCuda);
     for (int64_t M : {1, 2, 3, 4, 9, 16}) {
       if (c.N * c.K > (int64_t(1) << 24) && M != 1) continue;  // the f64 host reference dominates
-      if (xpath[0] == 'g' && M != 1) continue;                   // x's path is chosen at M = 1 only
+      if (xpath[0] != 'r' && M != 1) continue;                   // x's path is chosen at M = 1 only
       for (bool with_bias : {false, true}) {
         SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " M ", M, with_bias ? " bias" : "", " ", dtype_name(c.wdt),
                              " TQ_NF4_GEMV=", gemv, " TQ_NF4_GEMV_X=", xpath));
@@ -393,6 +394,38 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   }
   ::unsetenv("TQ_NF4_GEMV");
   ::unsetenv("TQ_NF4_GEMV_X");
+}
+
+TEST(GpuNf4Linear, StationaryKernelIsIndependentOfItsGrid) {
+  TQ_REQUIRE_GPU();
+  // The M = 1 default kernel gives each row the same arithmetic whatever team walks it, so capping
+  // the grid (TQ_NF4_GEMV_CTAS) to force many rows per team and several 32-row reduction rounds
+  // (K 2048 on 2 CTAs: 16 teams, 128 rows each) must give the same bits; and both must match the
+  // f64 reference. Each configuration: 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte
+  // chunks per lane (4304), and K = 32768 (a row wider than 16 warps: gemv_kernel instead).
+  struct Case {
+    int64_t K, N;
+    int ctas;
+  };
+  for (const Case& c : {Case{2048, 2048, 2}, Case{1152, 999, 3}, Case{4304, 300, 1}, Case{32768, 5, 1}}) {
+    SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " at most ", c.ctas, " CTAs"));
+    const NF4Tensor q = nf4_quantize(rnd({c.N, c.K}, DType::bf16, -0.1, 0.1));
+    const NF4Tensor qd = q.to(kCuda);
+    Tensor x = rnd({1, c.K}, DType::bf16, -1.0, 1.0);
+    Tensor bias = rnd({c.N}, DType::f32, -0.5, 0.5);
+    ::setenv("TQ_NF4_GEMV_X", "reg", 1);
+    poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
+    const std::vector<float> full = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda)).to_vector<float>();
+    ::setenv("TQ_NF4_GEMV_CTAS", std::to_string(c.ctas).c_str(), 1);
+    poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
+    Tensor y = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda));
+    ::unsetenv("TQ_NF4_GEMV_CTAS");
+    ::unsetenv("TQ_NF4_GEMV_X");
+    const std::vector<float> capped = y.to_vector<float>();
+    ASSERT_EQ(capped.size(), full.size());
+    for (size_t i = 0; i < full.size(); ++i) ASSERT_EQ(capped[i], full[i]) << "output " << i;
+    EXPECT_TRUE(within(y, fused_reference(q, x, bias, true), 1.0 / 128, 1e-5));
+  }
 }
 
 TEST(GpuNf4Linear, ForwardOnCudaMatchesTheCpuLayer) {
