@@ -353,8 +353,8 @@ const std::vector<GemvCase> kGemvCases = {
 TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   TQ_REQUIRE_GPU();
   // Every small-M kernel: the tensor-core one; then, with M ≤ 4 opted into the CUDA-core kernels,
-  // the x-stationary kernel at M = 1 (the default) and gemv_kernel at M = 2 .. 4, gemv_kernel at
-  // M = 1 with x in shared memory, and with x read through L1.
+  // the x-stationary kernel at M = 1 and gemv_kernel at M = 2 .. 4, gemv_kernel at M = 1 with x in
+  // shared memory (the default), and with x read through L1.
   const std::pair<const char*, const char*> kPaths[] = {{"0", "reg"}, {"1", "reg"}, {"1", "smem"}, {"1", "global"}};
   for (const auto& [gemv, xpath] : kPaths)
   for (const GemvCase& c : kGemvCases) {
@@ -398,7 +398,7 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
 
 TEST(GpuNf4Linear, StationaryKernelIsIndependentOfItsGrid) {
   TQ_REQUIRE_GPU();
-  // The M = 1 default kernel gives each row the same arithmetic whatever team walks it, so capping
+  // The x-stationary kernel gives each row the same arithmetic whatever team walks it, so capping
   // the grid (TQ_NF4_GEMV_CTAS) to force many rows per team and several 32-row reduction rounds
   // (K 2048 on 2 CTAs: 16 teams, 128 rows each) must give the same bits; and both must match the
   // f64 reference. Each configuration: 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte
