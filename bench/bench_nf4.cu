@@ -4,8 +4,8 @@
 //                                    absmax read, output written) and `vs_copy`, its ratio to a
 //                                    device-to-device copy of as many bytes timed in the same call.
 //   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16:
-//                                    gemv_kernel at M ≤ 4 here (TQ_NF4_GEMV_X=reg: gemv_stationary_kernel at
-//                                    M = 1), else the tensor-core kernel; nf4_linear_mma
+//                                    gemv_stationary_kernel at M = 1 (TQ_NF4_GEMV_X=smem or global: gemv_kernel's
+//                                    paths), gemv_kernel at M 2..4 here, else the tensor-core kernel; nf4_linear_mma
 //                                    forces the latter at M = 1, 2 and 4: where the default split lies)
 //                                    or dequantize into a bf16 scratch + ops::matmul (M = 64), and
 //                                    cuBLAS bf16 (cublasGemmEx, fp32 compute) on a bf16 W of the same

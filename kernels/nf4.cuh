@@ -16,11 +16,11 @@
 // - Dequantize never materializes the per-block absmax: each thread decodes the scale of the 64-block
 //   it is in (A.7: f32(f32(DYN[q]·absmax2) + offset), no FMA) and writes one coalesced 16-byte store
 //   per round (a warp covers 512 contiguous output bytes, its code loads 64-128 contiguous bytes).
-// - The fused product never materializes W. At M = 1 (decoding one sequence) gemv_kernel streams the
-//   codes on CUDA cores (table lookup per byte, fp32 FMAs, a shuffle tree per row: one launch, no
-//   workspace; TQ_NF4_GEMV=0/1 moves the split, see gemv_default_max_rows); with TQ_NF4_GEMV_X=reg,
-//   gemv_stationary_kernel, which holds x in registers (one lookup and two FMAs per code byte) and is
-//   opt-in until measured on a GPU (see gemv_x_path). Otherwise tensor-core mma (m16n8k16,
+// - The fused product never materializes W. At M = 1 (decoding one sequence) gemv_stationary_kernel
+//   streams the codes on CUDA cores with x held in registers (one table lookup and two fp32 FMAs per
+//   code byte, a fixed reduction order: one launch, no workspace; gemv_kernel where a row is wider
+//   than 16 warps, and at M ≤ 4 with TQ_NF4_GEMV=1; TQ_NF4_GEMV=0 moves every M to the tensor cores,
+//   see gemv_default_max_rows and gemv_x_path). Otherwise tensor-core mma (m16n8k16,
 //   bf16 in, fp32 accumulate) with the weight as the A operand (16 output rows) and x as B (up to 8
 //   or 16 tokens): the codes enter as bf16 (bnb's gemv_4bit also rounds its code table to bf16),
 //   each 64-block's fp32 scale multiplies that block's fp32 partial sum, the bias (rounded to bf16,
@@ -1150,10 +1150,11 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
 
 // How one small-M product runs: the tensor-core kernel's stream-K decomposition (fast), or the
 // general warp-per-row kernel.
-// The M up to which NF4Linear routes to gemv_kernel: 1 by default, measured (bench/RESULTS.md,
-// 2026-12-05: at M = 1 gemv_kernel beats the tensor-core kernel on every decode shape, 1.10× vs
-// 0.88× cuBLAS in geometric mean; at M = 2 it loses, 0.82× vs 0.88×). TQ_NF4_GEMV=0 routes every M
-// to the tensor-core kernel, TQ_NF4_GEMV=1 every M ≤ kGemvMaxRows to gemv_kernel (read per call).
+// The M up to which NF4Linear routes to the CUDA-core kernels (gemv_stationary_kernel at M = 1, see
+// gemv_x_path; gemv_kernel above): 1 by default, measured (bench/RESULTS.md, 2026-12-05: at M = 1
+// gemv_kernel alone beats the tensor-core kernel on every decode shape, 1.10× vs 0.88× cuBLAS in
+// geometric mean; at M = 2 it loses, 0.82× vs 0.88×). TQ_NF4_GEMV=0 routes every M to the
+// tensor-core kernel, TQ_NF4_GEMV=1 every M ≤ kGemvMaxRows to the CUDA-core ones (read per call).
 inline int gemv_default_max_rows() {
   const char* v = std::getenv("TQ_NF4_GEMV");
   if (v != nullptr && v[0] == '0') return 0;
@@ -1220,13 +1221,13 @@ inline StatConfig stationary_config(int64_t K, bool vec16) {
   return best;
 }
 
-// TQ_NF4_GEMV_X: "reg" the x-stationary kernel at M = 1 where it applies; unset (or "smem") and
-// "global" gemv_kernel's x-in-shared-memory and x-from-L1 paths. The x-stationary kernel is opt-in
-// until it has run on a GPU: no device machine could be started after it was written (its tests
-// and the benchmark's A/B are the recipe in bench/RESULTS.md, 2026-12-07).
+// TQ_NF4_GEMV_X: unset (or "reg") the x-stationary kernel at M = 1 where it applies (1.64× cuBLAS
+// bf16 in geometric mean over the decode shapes against gemv_kernel's 1.17×, same H100 run,
+// bench/RESULTS.md 2026-12-07); "smem" and "global" gemv_kernel's x-in-shared-memory and x-from-L1
+// paths (the benchmark's comparisons).
 inline char gemv_x_path() {
   const char* v = std::getenv("TQ_NF4_GEMV_X");
-  return v == nullptr || v[0] == '\0' ? 's' : v[0];
+  return v == nullptr || v[0] == '\0' ? 'r' : v[0];
 }
 
 template <int VEC, int D>

@@ -353,8 +353,8 @@ const std::vector<GemvCase> kGemvCases = {
 TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   TQ_REQUIRE_GPU();
   // Every small-M kernel: the tensor-core one; then, with M ≤ 4 opted into the CUDA-core kernels,
-  // the x-stationary kernel at M = 1 and gemv_kernel at M = 2 .. 4, gemv_kernel at M = 1 with x in
-  // shared memory (the default), and with x read through L1.
+  // the x-stationary kernel at M = 1 (the default) and gemv_kernel at M = 2 .. 4, gemv_kernel at
+  // M = 1 with x in shared memory, and with x read through L1.
   const std::pair<const char*, const char*> kPaths[] = {{"0", "reg"}, {"1", "reg"}, {"1", "smem"}, {"1", "global"}};
   for (const auto& [gemv, xpath] : kPaths)
   for (const GemvCase& c : kGemvCases) {
