@@ -12,6 +12,9 @@
 //                                    shape; `speedup` = cuBLAS time / NF4 time.
 //   nf4_linear_geomean_m1            the geometric mean of `speedup` at M = 1 over the five decode
 //                                    shapes (the acceptance figure: ≥ 3).
+//   nf4_launch_floor/PDL             an empty kernel of the M = 1 product's launch shape, back to
+//                                    back: the per-call floor of this harness (PDL 1: launched as a
+//                                    programmatic dependent, as the M = 1 product is by default).
 // Each timed call reads a different copy of the weights (the copies span several L2 sizes), as
 // decoding streams every layer's weight from HBM; calls are captured into a CUDA graph so host
 // launch overhead is not measured; the figure is the median over iterations.
@@ -187,6 +190,39 @@ void bm_geomean_m1(benchmark::State& state) {
   state.counters["geomean_speedup"] = std::exp(log_sum / 5.0);
 }
 
+// The launch floor of this harness: an empty kernel shaped like the x-stationary product's
+// launches (one CTA of 16 warps per SM, its 66 KB of dynamic shared memory), back to back in a
+// graph, with the programmatic-dependent-launch attribute (pdl = 1: the next CTA starts as the
+// previous one exits) or without. No M = 1 product can take less per call here; cuBLAS's time
+// over this floor bounds the speedup any kernel can show on a shape.
+__global__ void __launch_bounds__(512, 1) empty_launch_kernel(int* sink) {
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (sink != nullptr && threadIdx.x == 0) sink[blockIdx.x] = 1;  // never taken (null): not empty
+}
+
+void bm_launch_floor(benchmark::State& state, bool pdl) {
+  if (!have_gpu()) return state.SkipWithError("no CUDA device");
+  const size_t smem = cuda::nf4k::kStatTableBytes + size_t(cuda::nf4k::kStatRoundRows) * 16 * sizeof(float);
+  TQ_CUDA_CHECK(cudaFuncSetAttribute(empty_launch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const unsigned ctas = unsigned(tq::cuda::sm_count(0));
+  const double t = time_graph(64, [&](int) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(ctas);
+    cfg.blockDim = dim3(512);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = tq::cuda::current_stream();
+    cfg.attrs = &attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, empty_launch_kernel, static_cast<int*>(nullptr)));
+  });
+  report(state, t);
+  state.counters["us"] = t * 1e6;
+}
+
 struct Registrar {
   Registrar() {
     for (DType dt : {DType::bf16, DType::f32})
@@ -211,6 +247,10 @@ struct Registrar {
                                      [=](benchmark::State& st) { bm_linear(st, M, K, N, true); })
             ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
       }
+    for (int pdl : {0, 1})
+      benchmark::RegisterBenchmark(str_cat("nf4_launch_floor/", pdl).c_str(),
+                                   [=](benchmark::State& st) { bm_launch_floor(st, pdl != 0); })
+          ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark("nf4_linear_geomean_m1", bm_geomean_m1)
         ->UseManualTime()->Iterations(9)->Unit(benchmark::kMicrosecond);
   }

@@ -144,6 +144,7 @@ __global__ void unary_backward_kernel(UnaryOp op_rt, X* __restrict__ out, const 
                                       const X* __restrict__ x, int64_t n, bool vec) {
   using C = compute_t<X>;
   constexpr int V = kVecWidth<X, G>;
+  constexpr bool kNarrow = sizeof(X) == 2;  // ops::is_narrow_float(x's dtype), as the CPU op decides
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   with_unary_op<C>(op_rt, [&](auto opc) {
@@ -156,13 +157,13 @@ __global__ void unary_backward_kernel(UnaryOp op_rt, X* __restrict__ out, const 
         Vec<G, V> vg = reinterpret_cast<const Vec<G, V>*>(g)[v];
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          vo.v[j] = convert<X>(C(convert<C>(vg.v[j]) * unary_derivative<C>(op, convert<C>(vx.v[j]))));
+          vo.v[j] = convert<X>(C(convert<C>(vg.v[j]) * unary_derivative<C, kNarrow>(op, convert<C>(vx.v[j]))));
         reinterpret_cast<Vec<X, V>*>(out)[v] = vo;
       }
       done = nv * V;
     }
     for (int64_t i = done + tid; i < n; i += stride)
-      out[i] = convert<X>(C(convert<C>(g[i]) * unary_derivative<C>(op, convert<C>(x[i]))));
+      out[i] = convert<X>(C(convert<C>(g[i]) * unary_derivative<C, kNarrow>(op, convert<C>(x[i]))));
   });
 }
 

@@ -3,7 +3,8 @@
 // Invariants (the CPU reference in ops/geglu.hpp is the contract):
 // - Per element, the CPU's own TQ_HOST_DEVICE formulas (ops::geglu_value, geglu_grad_gate,
 //   geglu_grad_up, built on ops::apply_unary / unary_derivative) in compute_t<T>, one rounding
-//   per output on store. gelu(gate) is never materialized.
+//   per output on store, with the CPU op's choice of internals for gelu_tanh' (f32 for a bf16/f16
+//   gate, double for f32). gelu(gate) is never materialized.
 // - Memory-bound: gate and up (and g) are read once, out (d gate, d up) written once, with 16-byte
 //   accesses when every pointer is aligned (the dense outputs of linear always are).
 // - No host synchronization.
@@ -36,8 +37,9 @@ __global__ void geglu_forward_kernel(T* __restrict__ out, const T* __restrict__ 
   for (int64_t i = done + tid; i < n; i += stride) out[i] = convert<T>(ops::geglu_value<C>(convert<C>(gate[i]), convert<C>(up[i])));
 }
 
-// d_gate (n), d_up (n) from g, gate, up (n).
-template <class T>
+// d_gate (n), d_up (n) from g, gate, up (n). kNarrow: the caller's gate is bf16/f16 (T may be f32
+// when the gradient's dtype differs), geglu_grad_gate's flag as the CPU op sets it.
+template <class T, bool kNarrow>
 __global__ void geglu_backward_kernel(T* __restrict__ d_gate, T* __restrict__ d_up, const T* __restrict__ g,
                                       const T* __restrict__ gate, const T* __restrict__ up, int64_t n, bool vec) {
   using C = compute_t<T>;
@@ -53,7 +55,7 @@ __global__ void geglu_backward_kernel(T* __restrict__ d_gate, T* __restrict__ d_
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const C gc = convert<C>(gv.v[e]), ac = convert<C>(a.v[e]);
-        oa.v[e] = convert<T>(ops::geglu_grad_gate<C>(gc, ac, convert<C>(u.v[e])));
+        oa.v[e] = convert<T>(ops::geglu_grad_gate<C, kNarrow>(gc, ac, convert<C>(u.v[e])));
         ou.v[e] = convert<T>(ops::geglu_grad_up<C>(gc, ac));
       }
       reinterpret_cast<Vec<T, V>*>(d_gate)[k] = oa;
@@ -63,7 +65,7 @@ __global__ void geglu_backward_kernel(T* __restrict__ d_gate, T* __restrict__ d_
   }
   for (int64_t i = done + tid; i < n; i += stride) {
     const C gc = convert<C>(g[i]), ac = convert<C>(gate[i]);
-    d_gate[i] = convert<T>(ops::geglu_grad_gate<C>(gc, ac, convert<C>(up[i])));
+    d_gate[i] = convert<T>(ops::geglu_grad_gate<C, kNarrow>(gc, ac, convert<C>(up[i])));
     d_up[i] = convert<T>(ops::geglu_grad_up<C>(gc, ac));
   }
 }
@@ -103,8 +105,11 @@ inline ops::GegluGrads geglu_backward(const Tensor& grad_out, const Tensor& gate
       const T *pg = data_as<const T>(g), *pa = data_as<const T>(gate), *pu = data_as<const T>(up);
       const bool vec = aligned_to(pda, 16) && aligned_to(pdu, 16) && aligned_to(pg, 16) && aligned_to(pa, 16) &&
                        aligned_to(pu, 16);
-      geglu_backward_kernel<T><<<grid_for((n + V - 1) / V, kThreads, dev), kThreads, 0, current_stream()>>>(
-          pda, pdu, pg, pa, pu, n, vec);
+      const unsigned grid = grid_for((n + V - 1) / V, kThreads, dev);
+      if (ops::is_narrow_float(gate_in.dtype()))
+        geglu_backward_kernel<T, true><<<grid, kThreads, 0, current_stream()>>>(pda, pdu, pg, pa, pu, n, vec);
+      else
+        geglu_backward_kernel<T, false><<<grid, kThreads, 0, current_stream()>>>(pda, pdu, pg, pa, pu, n, vec);
       check_launch();
     });
   }

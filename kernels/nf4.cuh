@@ -879,8 +879,26 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
       }
     }
   };
+  // Programmatic dependent launch (launch_stationary sets the attribute unless TQ_NF4_GEMV_PDL=0):
+  // the next kernel in the stream may be scheduled now, and this CTA builds its table, which
+  // depends on nothing in global memory, while the previous kernel is still finishing. Every
+  // global read (x, codes, scales, bias) comes after griddepcontrol.wait, which returns once the
+  // previous grid has completed and its writes are visible (immediately without the attribute).
+  asm volatile("griddepcontrol.launch_dependents;");
+  for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
+                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
+    dyn[byte] = tab.dyn[byte];
+  }
+  __syncthreads();
+  for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
+    const float2 v = stage[f >> 4];
+    reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+
   Buf b0, b1;
-  fetch(0, b0);  // in flight while x is loaded and the table built
+  fetch(0, b0);  // in flight while x is loaded
 
   // x[c·E .. c·E + E) of the lane's chunks as f32 (zeros for a chunk past the row: its codes decode
   // to NF4[0] = −1, which must meet x = 0).
@@ -900,17 +918,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
       }
     }
   }
-  for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
-    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
-                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
-    dyn[byte] = tab.dyn[byte];
-  }
-  __syncthreads();
-  for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
-    const float2 v = stage[f >> 4];
-    reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
-  }
-  __syncthreads();
+  __syncthreads();  // the table
 
   // PRMT(word, lane·8, 0x55?4): byte 0 = lane·8, byte 1 = code byte ?, bytes 2, 3 = 0, i.e. the
   // byte offset of pairf[byte · 32 + lane].
@@ -1230,6 +1238,17 @@ inline char gemv_x_path() {
   return v == nullptr || v[0] == '\0' ? 'r' : v[0];
 }
 
+// Whether the x-stationary kernel is launched as a programmatic dependent (its table built while
+// the previous kernel in the stream finishes; gemv_stationary_kernel); TQ_NF4_GEMV_PDL=0 turns it
+// off (the benchmark's A/B). Read once.
+inline bool gemv_pdl() {
+  static const bool v = [] {
+    const char* e = std::getenv("TQ_NF4_GEMV_PDL");
+    return !(e && e[0] == '0');
+  }();
+  return v;
+}
+
 template <int VEC, int D>
 inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStream_t st) {
   constexpr auto kernel = gemv_stationary_kernel<VEC, D>;
@@ -1261,8 +1280,17 @@ inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStrea
   if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ctas = std::min<int64_t>(ctas, std::atoi(v));
   ss.T = ctas * teams_cta;
   ss.iters = (a.N + ss.T - 1) / ss.T;
-  kernel<<<unsigned(ctas), unsigned(threads), smem, st>>>(a, ss, tables());
-  check_launch();
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(ctas));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cfg.attrs = &attr;
+  cfg.numAttrs = gemv_pdl() ? 1 : 0;
+  TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, ss, tables()));
 }
 
 // The M = 1 product through the x-stationary kernel; false where it does not apply (K > 16384).

@@ -11,12 +11,17 @@
 //   held in registers: x (and g) are read from global memory once and y (dx) written once. Other
 //   rows take a generic kernel that re-reads the row (from L1/L2) at any size and alignment.
 // - dweight/dbias: each block keeps per-column partial sums over the rows it handles in the
-//   compute dtype (registers in the cached kernel), written once into a (blocks, D) scratch; a
-//   second kernel sums the partials of each column in double in a fixed order. Deterministic, no
-//   atomics; the (rows, D) products g·x̂ are never materialized.
+//   compute dtype (registers in the cached kernel), written once into a (blocks, D) scratch; the
+//   partials of each column are summed in double in a fixed order, by a second kernel or (the
+//   warp kernel, one resident block per SM, cooperative launch) by the same kernel after a
+//   grid-wide barrier. Deterministic, no atomics; the (rows, D) products g·x̂ are never materialized.
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
 
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -399,21 +404,61 @@ template <int MAXV, int V>
 inline constexpr int kWarpAccFloats = MAXV * V * 32;
 
 // Block size of the backward warp kernel: each block writes one partial row, so bigger blocks mean
-// fewer partials to write and sum. Rows of up to 5 vectors per lane (SigLIP's 1152) fit 128
-// registers: blocks of 8 warps, 2 resident per SM. Longer rows (Gemma's 2048) need ~170 registers
-// (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the H200): blocks of 4
-// warps, 3 resident per SM.
+// fewer partials to write and sum: one block holds all the warps an SM runs. Rows of up to 5
+// vectors per lane (SigLIP's 1152) fit 128 registers: 16 warps. Longer rows (Gemma's 2048) need
+// 168 registers (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the
+// H200): 12 warps, 168 · 384 of the SM's 65,536 registers. (Blocks of 4 and 8 warps, 3 and 2 per
+// SM, wrote 3× and 2× the partial rows: 3.2 MB and 2.4 MB, 6% and 9% of the rows' own traffic.)
 template <int MAXV>
-inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 128 : 256;
+inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 384 : 512;
 template <int MAXV>
-inline constexpr int kWarpBackwardMinBlocks = MAXV > 5 ? 1 : 2;
+inline constexpr int kWarpBackwardMinBlocks = 1;
 
 __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) {
   return ((k * (V / 4) + e / 4) * 32 + lane) * 4 + e % 4;
 }
 
+// Each block's share of the column sums of the (gridDim.x, D) partial rows part0 (and part1):
+// out0[j] (out1[j]) = Σ_b part[b][j] in double in a fixed order, rounded once to O, for the block's
+// ⌈D / gridDim.x⌉ columns. Runs after a grid-wide barrier: the partials were written by other SMs
+// in this launch, so they are read from L2 (ld.global.cg). `stage`: blockDim.x doubles of shared
+// memory. Threads split a chunk of columns into groups of partial rows; the groups are then summed
+// in order, so the result does not depend on timing.
+template <class C, class O>
+__device__ void block_column_sums(O* __restrict__ out0, O* __restrict__ out1, const C* part0, const C* part1, int D,
+                                  double* stage) {
+  const int per = (D + int(gridDim.x) - 1) / int(gridDim.x);
+  const int j0 = int(blockIdx.x) * per, j1 = min(D, j0 + per);
+  if (j0 >= j1) return;  // block-uniform
+  const int nparts = int(gridDim.x), t = int(threadIdx.x);
+  const int ncols = min(j1 - j0, int(blockDim.x)), groups = int(blockDim.x) / ncols;
+  const int col = t % ncols, grp = t / ncols;
+  for (int kind = 0; kind < (out1 ? 2 : 1); ++kind) {
+    const C* part = kind ? part1 : part0;
+    O* out = kind ? out1 : out0;
+    for (int c0 = j0; c0 < j1; c0 += ncols) {
+      const int j = c0 + col;
+      double acc = 0;
+      if (grp < groups && j < j1) {
+#pragma unroll 4
+        for (int b = grp; b < nparts; b += groups) acc += double(__ldcg(part + int64_t(b) * D + j));
+      }
+      stage[t] = acc;
+      __syncthreads();
+      if (grp == 0 && j < j1) {
+        double sum = 0;
+        for (int k = 0; k < groups; ++k) sum += stage[k * ncols + col];
+        out[j] = double_to<O>(sum);
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // dx (rows, D); part_w / part_b (gridDim.x, D): the column sums of g·x̂ and g over the block's
-// rows (or null). Each lane accumulates its own columns over its warp's rows in fp32 in shared
+// rows (or null). sum_w / sum_b (D) non-null (the launch is then cooperative: every block is
+// resident): after a grid-wide barrier the blocks also sum the partial rows into them
+// (block_column_sums), so no second kernel runs. Each lane accumulates its own columns over its warp's rows in fp32 in shared
 // memory (registers hold the row: at 64 more registers per lane occupancy would halve); at the
 // end the block's warps are folded per column in warp order (deterministic) into one partial row
 // per block. The scales offset + w are staged once per block in shared memory. Dynamic shared
@@ -422,7 +467,8 @@ __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) 
 template <class T, class W, int MAXV, bool kBias, bool kCenter>
 __global__ void __launch_bounds__(kWarpBackwardThreads<MAXV>, kWarpBackwardMinBlocks<MAXV>)
     backward_warp_kernel(T* __restrict__ dx, float* __restrict__ part_w, float* __restrict__ part_b,
-                         const T* __restrict__ g, const T* __restrict__ x, Params<float, W> p) {
+                         W* __restrict__ sum_w, W* __restrict__ sum_b, const T* __restrict__ g,
+                         const T* __restrict__ x, Params<float, W> p) {
   using C = float;
   constexpr int V = kVecWidth<T>;
   using VT = Vec<T, V>;
@@ -511,13 +557,20 @@ __global__ void __launch_bounds__(kWarpBackwardThreads<MAXV>, kWarpBackwardMinBl
     if (part_w) part_w[int64_t(blockIdx.x) * p.D + j] = sw;
     if constexpr (kBias) part_b[int64_t(blockIdx.x) * p.D + j] = sb;
   }
+  if (sum_w || sum_b) {  // launch-uniform
+    cooperative_groups::this_grid().sync();
+    block_column_sums<C, W>(part_w ? sum_w : sum_b, part_w ? sum_b : nullptr, part_w ? part_w : part_b, part_b, p.D,
+                            reinterpret_cast<double*>(smem_bytes));
+  }
 }
 
-// Dynamic shared memory of backward_warp_kernel.
+// Dynamic shared memory of backward_warp_kernel (at least a double per thread: block_column_sums).
 template <class T, int MAXV, bool kBias>
 size_t backward_warp_smem(int64_t D) {
-  return (size_t(kWarpBackwardThreads<MAXV> / 32) * (kBias ? 2 : 1) * kWarpAccFloats<MAXV, kVecWidth<T>> + size_t(D)) *
-         sizeof(float);
+  return std::max(
+      (size_t(kWarpBackwardThreads<MAXV> / 32) * (kBias ? 2 : 1) * kWarpAccFloats<MAXV, kVecWidth<T>> + size_t(D)) *
+          sizeof(float),
+      size_t(kWarpBackwardThreads<MAXV>) * sizeof(double));
 }
 
 // out{y} (D) = Σ over the nparts rows of part[y] (part: (gridDim.y ≤ 2, nparts, D)), per column:
@@ -662,6 +715,16 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
   return out;
 }
 
+// Whether backward_warp_kernel sums the column partials itself (default) or leaves them to
+// column_sum_kernel (TQ_NORM_BWD_SUM=kernel, for A/B measurements). Read once.
+inline bool warp_kernel_sums_columns() {
+  static const bool v = [] {
+    const char* e = std::getenv("TQ_NORM_BWD_SUM");
+    return !(e && std::strcmp(e, "kernel") == 0);
+  }();
+  return v;
+}
+
 // The warp-per-row kernels' vectors per lane for a row of nvec 16-byte vectors of T (0: the row
 // does not fit, or T is double, whose rows take the block kernels). Few instances: 3 → 4, 6..7 → 8.
 template <class T>
@@ -798,6 +861,10 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
       };
       Tensor part;
       int64_t blocks = 0;
+      // The warp kernel sums its own partial rows (one launch) when the gradients are stored in
+      // the dtype it reads the weight in; TQ_NORM_BWD_SUM=kernel forces the second kernel (A/B).
+      const bool in_kernel_sums = kinds > 0 && warp_kernel_sums_columns() &&
+                                  (!weight.defined() || weight.dtype() == wdt) && (!bias.defined() || bias.dtype() == wdt);
       if (const int wv = warp_vectors<T>(D, {pdx, px, pg})) {
         // One warp per row; as many blocks as are resident at once (each writes one partial row),
         // never more than there are rows for.
@@ -809,7 +876,27 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
             part = partials(blocks);
             C* pw = weight.defined() ? data_as<C>(part) : nullptr;
             C* pb = bias.defined() ? data_as<C>(part) + (weight.defined() ? blocks * D : 0) : nullptr;
-            kernel<<<unsigned(blocks), threads, smem, current_stream()>>>(pdx, pw, pb, pg, px, p);
+            W *sw = nullptr, *sb = nullptr;
+            if (in_kernel_sums) {
+              if (weight.defined()) out.weight = Tensor::empty({D}, wdt, x.device());
+              if (bias.defined()) out.bias = Tensor::empty({D}, wdt, x.device());
+              sw = weight.defined() ? data_as<W>(out.weight) : nullptr;
+              sb = bias.defined() ? data_as<W>(out.bias) : nullptr;
+              // Cooperative: the launch fails rather than run blocks that are not all resident.
+              cudaLaunchAttribute attr{};
+              attr.id = cudaLaunchAttributeCooperative;
+              attr.val.cooperative = 1;
+              cudaLaunchConfig_t cfg{};
+              cfg.gridDim = dim3(unsigned(blocks));
+              cfg.blockDim = dim3(unsigned(threads));
+              cfg.dynamicSmemBytes = smem;
+              cfg.stream = current_stream();
+              cfg.attrs = &attr;
+              cfg.numAttrs = 1;
+              TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, pdx, pw, pb, sw, sb, pg, px, p));
+            } else {
+              kernel<<<unsigned(blocks), threads, smem, current_stream()>>>(pdx, pw, pb, sw, sb, pg, px, p);
+            }
           };
           if constexpr (kWarpRows<T>) {
             constexpr int M = decltype(m)::value;
@@ -841,7 +928,8 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
       std::vector<DType> out_dtypes;
       if (weight.defined()) out_dtypes.push_back(weight.dtype());
       if (bias.defined()) out_dtypes.push_back(bias.dtype());
-      if (kinds) {
+      const bool summed = (!weight.defined() || out.weight.defined()) && (!bias.defined() || out.bias.defined());
+      if (kinds && !summed) {
         std::vector<Tensor> sums = column_sums(part, blocks, D, out_dtypes);
         if (weight.defined()) out.weight = sums[0];
         if (bias.defined()) out.bias = sums.back();

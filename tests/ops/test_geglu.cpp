@@ -6,6 +6,7 @@
 #include <tq/ops/geglu.hpp>
 
 #include <cmath>
+#include <tuple>
 
 using namespace tq;
 using tq::test::all_close;
@@ -103,6 +104,33 @@ TEST(Geglu, Bf16WithinBf16ToleranceOfUnfused) {
   EXPECT_EQ(gf.grad().dtype(), DType::bf16);
   EXPECT_TRUE(all_close(gf.grad(), gu.grad().to_vector(), 3e-2, 2e-2));
   EXPECT_TRUE(all_close(uf.grad(), uu.grad().to_vector(), 2e-2, 1e-2));
+}
+
+TEST(Geglu, Bf16GradientsAreTheFloat64OnesRoundedOnce) {
+  // A bf16 gate takes gelu_tanh' with f32 internals (kNarrow): still the float64 gradient rounded
+  // once to bf16, up to f32 evaluation error, also next to the derivative's root (x ≈ −0.7518),
+  // where its two terms cancel. The same holds for the unfused gelu backward (ops::unary_backward).
+  const int64_t n = 4096;
+  std::vector<double> gate_v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)  // half spread over [−6, 6], half over [−0.80, −0.70]
+    gate_v[size_t(i)] = i % 2 ? -6 + 12 * double(i) / double(n) : -0.80 + 0.10 * double(i) / double(n);
+  Tensor gate = Tensor::from_vector(gate_v, {n}).to(DType::bf16);
+  Tensor up = random({n}, DType::bf16, -2, 2), g = random({n}, DType::bf16);
+  auto gv = gate.to_vector(), uv = up.to_vector(), ov = g.to_vector();
+  const Tensor dgate = ops::geglu_backward(g, gate, up).gate, dgelu = ops::unary_backward(UnaryOp::gelu_tanh, g, gate);
+  for (const auto& [name, got, with_up] : {std::tuple{"geglu d gate", dgate, true}, std::tuple{"gelu", dgelu, false}}) {
+    SCOPED_TRACE(name);
+    ASSERT_EQ(got.dtype(), DType::bf16);
+    const auto r = got.to_vector();
+    size_t exact = 0;
+    for (size_t i = 0; i < r.size(); ++i) {
+      const double scale = ov[i] * (with_up ? uv[i] : 1.0), ref = scale * ref_gelu_tanh_grad(gv[i]);
+      exact += r[i] == double(float(bf16(float(ref))));
+      ASSERT_LE(std::abs(r[i] - ref), 4e-3 * std::abs(ref) + 1e-6 * std::abs(scale))
+          << "gate " << gv[i] << " got " << r[i] << " expected " << ref;
+    }
+    EXPECT_GE(double(exact), 0.98 * double(r.size())) << exact << " of " << r.size();
+  }
 }
 
 TEST(Geglu, Errors) {

@@ -92,8 +92,15 @@ TQ_HOST_DEVICE inline C apply_unary(UnaryOp op, C x) {
   return x;
 }
 
-// d op(x) / dx.
-template <class C>
+// Whether a float tensor stores 16-bit values (bf16, f16): their compute dtype is f32, but an
+// f32 result is rounded to 8 or 11 mantissa bits on store, so the f32 internals that a 1e-5 f32
+// result needs (see gelu_tanh below) would buy nothing.
+inline bool is_narrow_float(DType t) { return t == DType::bf16 || t == DType::f16; }
+
+// d op(x) / dx. kNarrow: the result is stored in a 16-bit float (is_narrow_float), so gelu_tanh'
+// keeps its internals in C = f32 instead of double. The CPU op and the CUDA kernels pass the same
+// flag for the same storage dtype, so they evaluate the same formula.
+template <class C, bool kNarrow = false>
 TQ_HOST_DEVICE inline C unary_derivative(UnaryOp op, C x) {
   constexpr C kSqrt2OverPi = C(0.7978845608028654);
   switch (op) {
@@ -121,8 +128,11 @@ TQ_HOST_DEVICE inline C unary_derivative(UnaryOp op, C x) {
       // The two terms cancel near the root of gelu' (x ≈ −0.75) and 1 + tanh(z) cancels for negative
       // x: in fp32 the ulps in which the CPU's and the GPU's tanh (and FMA contraction) differ grow to
       // 1e-4 relative there. So float is computed in double (rounded once) and 1 + tanh(z),
-      // 1 − tanh²(z) come from e = exp(−2|z|), each relative-accurate.
-      using D = std::conditional_t<std::is_same_v<C, float>, double, C>;
+      // 1 − tanh²(z) come from e = exp(−2|z|), each relative-accurate. For a result stored in bf16
+      // or f16 (kNarrow) float internals suffice: the cancellation costs a few f32 ulps of the
+      // terms (≈ 1e-7 absolute), far under a bf16 ulp of any gradient but the smallest; and the
+      // double exp and divisions made the bf16 GeGLU backward compute-bound (0.57 of copy on an H100).
+      using D = std::conditional_t<std::is_same_v<C, float> && !kNarrow, double, C>;
       const D xd = D(x);
       const D inner = D(kSqrt2OverPi) * (xd + D(0.044715) * xd * xd * xd);
       const D dinner = D(kSqrt2OverPi) * (D(1) + D(3 * 0.044715) * xd * xd);
@@ -201,13 +211,17 @@ inline Tensor unary_backward(UnaryOp op, const Tensor& grad_out, const Tensor& x
   const DType ct = compute_dtype(x.dtype());
   Tensor xc = dense(x, ct), gc = dense(grad_out, ct);
   Tensor out = Tensor::empty(x.shape(), ct);
+  const bool narrow = is_narrow_float(x.dtype());
   TQ_DISPATCH_FLOAT(ct, C, {
     {
       const C* px = xc.data<C>();
       const C* pg = gc.data<C>();
       C* o = out.data<C>();
       parallel_for(out.numel(), 1 << 13, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) o[i] = pg[i] * unary_derivative<C>(op, px[i]);
+        if (narrow)
+          for (int64_t i = lo; i < hi; ++i) o[i] = pg[i] * unary_derivative<C, true>(op, px[i]);
+        else
+          for (int64_t i = lo; i < hi; ++i) o[i] = pg[i] * unary_derivative<C>(op, px[i]);
       });
     }
   });

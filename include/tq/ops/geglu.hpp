@@ -9,7 +9,8 @@
 // at most about one bf16 ulp of the result.
 // Backward, with g the output gradient (again the unfused path's operation order):
 //   d gate = (g·up)·gelu_tanh'(gate),   d up = g·gelu_tanh(gate)
-// each computed in the compute dtype and rounded once.
+// each computed in the compute dtype and rounded once; gelu_tanh' of a bf16/f16 gate keeps f32
+// internals, of an f32 gate double ones (unary_derivative's kNarrow).
 // gate and up must have the same shape and float dtype and live on one device.
 #pragma once
 
@@ -38,10 +39,11 @@ template <class C>
 TQ_HOST_DEVICE inline C geglu_value(C gate, C up) {
   return apply_unary<C>(UnaryOp::gelu_tanh, gate) * up;
 }
-template <class C>
+// kNarrow: gate is stored in bf16/f16 (unary_derivative's flag, as the unfused path passes it).
+template <class C, bool kNarrow = false>
 TQ_HOST_DEVICE inline C geglu_grad_gate(C g, C gate, C up) {
   const C gu = g * up;  // the unfused mul's gradient, rounded in C first
-  return gu * unary_derivative<C>(UnaryOp::gelu_tanh, gate);
+  return gu * unary_derivative<C, kNarrow>(UnaryOp::gelu_tanh, gate);
 }
 template <class C>
 TQ_HOST_DEVICE inline C geglu_grad_up(C g, C gate) {
@@ -94,9 +96,10 @@ inline GegluGrads geglu_backward(const Tensor& grad_out, const Tensor& gate, con
     const C* pu = uc.data<C>();
     C* oa = dgate.data<C>();
     C* ou = dup.data<C>();
+    const bool narrow = is_narrow_float(gate.dtype());
     parallel_for(dgate.numel(), 1 << 13, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        oa[i] = geglu_grad_gate<C>(pg[i], pa[i], pu[i]);
+        oa[i] = narrow ? geglu_grad_gate<C, true>(pg[i], pa[i], pu[i]) : geglu_grad_gate<C>(pg[i], pa[i], pu[i]);
         ou[i] = geglu_grad_up<C>(pg[i], pa[i]);
       }
     });
