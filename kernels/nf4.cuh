@@ -839,6 +839,7 @@ struct StatShape {
   int teams_cta;  // teams per CTA
   int64_t T;      // teams in the grid
   int64_t iters;  // rows per team: ceil(N / T), the same for every team (rows ≥ N load zeros, store nothing)
+  int pdl;        // launched as a programmatic dependent (gemv_pdl()): no global read before the table
 };
 
 template <int VEC, int D>
@@ -879,11 +880,14 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
       }
     }
   };
-  // Programmatic dependent launch (launch_stationary sets the attribute unless TQ_NF4_GEMV_PDL=0):
-  // the next kernel in the stream may be scheduled now, and this CTA builds its table, which
-  // depends on nothing in global memory, while the previous kernel is still finishing. Every
-  // global read (x, codes, scales, bias) comes after griddepcontrol.wait, which returns once the
-  // previous grid has completed and its writes are visible (immediately without the attribute).
+  Buf b0, b1;
+  // Without programmatic dependent launch the first rows' codes are in flight while the table is
+  // built. With it (ss.pdl; launch_stationary sets the attribute with TQ_NF4_GEMV_PDL=1) the
+  // next kernel in the stream may be scheduled now, and this CTA builds its table, which depends
+  // on nothing in global memory, while the previous kernel is still finishing; every global read
+  // (x, codes, scales, bias) comes after griddepcontrol.wait, which returns once the previous grid
+  // has completed and its writes are visible (at once without the attribute).
+  if (!ss.pdl) fetch(0, b0);
   asm volatile("griddepcontrol.launch_dependents;");
   for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
     stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
@@ -896,9 +900,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
     reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-
-  Buf b0, b1;
-  fetch(0, b0);  // in flight while x is loaded
+  if (ss.pdl) fetch(0, b0);  // in flight while x is loaded
 
   // x[c·E .. c·E + E) of the lane's chunks as f32 (zeros for a chunk past the row: its codes decode
   // to NF4[0] = −1, which must meet x = 0).
@@ -1239,12 +1241,12 @@ inline char gemv_x_path() {
 }
 
 // Whether the x-stationary kernel is launched as a programmatic dependent (its table built while
-// the previous kernel in the stream finishes; gemv_stationary_kernel); TQ_NF4_GEMV_PDL=0 turns it
-// off (the benchmark's A/B). Read once.
+// the previous kernel in the stream finishes; gemv_stationary_kernel): TQ_NF4_GEMV_PDL=1, off by
+// default until measured on a GPU. Read once.
 inline bool gemv_pdl() {
   static const bool v = [] {
     const char* e = std::getenv("TQ_NF4_GEMV_PDL");
-    return !(e && e[0] == '0');
+    return e && e[0] == '1';
   }();
   return v;
 }
@@ -1289,7 +1291,8 @@ inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStrea
   cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
   cfg.attrs = &attr;
-  cfg.numAttrs = gemv_pdl() ? 1 : 0;
+  ss.pdl = gemv_pdl() ? 1 : 0;
+  cfg.numAttrs = ss.pdl ? 1 : 0;
   TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, ss, tables()));
 }
 

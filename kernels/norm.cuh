@@ -13,7 +13,7 @@
 // - dweight/dbias: each block keeps per-column partial sums over the rows it handles in the
 //   compute dtype (registers in the cached kernel), written once into a (blocks, D) scratch; the
 //   partials of each column are summed in double in a fixed order, by a second kernel or (the
-//   warp kernel, one resident block per SM, cooperative launch) by the same kernel after a
+//   warp kernel with TQ_NORM_BWD_SUM=block, cooperative launch) by the same kernel after a
 //   grid-wide barrier. Deterministic, no atomics; the (rows, D) products g·x̂ are never materialized.
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
@@ -404,15 +404,16 @@ template <int MAXV, int V>
 inline constexpr int kWarpAccFloats = MAXV * V * 32;
 
 // Block size of the backward warp kernel: each block writes one partial row, so bigger blocks mean
-// fewer partials to write and sum: one block holds all the warps an SM runs. Rows of up to 5
-// vectors per lane (SigLIP's 1152) fit 128 registers: 16 warps. Longer rows (Gemma's 2048) need
-// 168 registers (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the
-// H200): 12 warps, 168 · 384 of the SM's 65,536 registers. (Blocks of 4 and 8 warps, 3 and 2 per
-// SM, wrote 3× and 2× the partial rows: 3.2 MB and 2.4 MB, 6% and 9% of the rows' own traffic.)
+// fewer partials to write and sum. Rows of up to 5 vectors per lane (SigLIP's 1152) fit 128
+// registers: blocks of 8 warps, 2 resident per SM. Longer rows (Gemma's 2048) need 168 registers
+// (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the H200): blocks of 4
+// warps, 3 resident per SM. (One block of 12 or 16 warps per SM would write a third or half the
+// partial rows — 3.2 MB and 2.4 MB are 6% and 9% of the rows' own traffic — and fits the same
+// registers; not measured yet, so not the default.)
 template <int MAXV>
-inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 384 : 512;
+inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 128 : 256;
 template <int MAXV>
-inline constexpr int kWarpBackwardMinBlocks = 1;
+inline constexpr int kWarpBackwardMinBlocks = MAXV > 5 ? 1 : 2;
 
 __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) {
   return ((k * (V / 4) + e / 4) * 32 + lane) * 4 + e % 4;
@@ -715,12 +716,13 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
   return out;
 }
 
-// Whether backward_warp_kernel sums the column partials itself (default) or leaves them to
-// column_sum_kernel (TQ_NORM_BWD_SUM=kernel, for A/B measurements). Read once.
+// Whether backward_warp_kernel sums the column partials itself (TQ_NORM_BWD_SUM=block: one
+// launch, a cooperative grid barrier) or leaves them to column_sum_kernel (the default until the
+// in-kernel sums are measured on a GPU). Read once.
 inline bool warp_kernel_sums_columns() {
   static const bool v = [] {
     const char* e = std::getenv("TQ_NORM_BWD_SUM");
-    return !(e && std::strcmp(e, "kernel") == 0);
+    return e && std::strcmp(e, "block") == 0;
   }();
   return v;
 }
@@ -861,8 +863,8 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
       };
       Tensor part;
       int64_t blocks = 0;
-      // The warp kernel sums its own partial rows (one launch) when the gradients are stored in
-      // the dtype it reads the weight in; TQ_NORM_BWD_SUM=kernel forces the second kernel (A/B).
+      // With TQ_NORM_BWD_SUM=block the warp kernel sums its own partial rows (one launch) when the
+      // gradients are stored in the dtype it reads the weight in.
       const bool in_kernel_sums = kinds > 0 && warp_kernel_sums_columns() &&
                                   (!weight.defined() || weight.dtype() == wdt) && (!bias.defined() || bias.dtype() == wdt);
       if (const int wv = warp_vectors<T>(D, {pdx, px, pg})) {
