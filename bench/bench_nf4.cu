@@ -207,17 +207,9 @@ void bm_launch_floor(benchmark::State& state, bool pdl) {
   TQ_CUDA_CHECK(cudaFuncSetAttribute(empty_launch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const unsigned ctas = unsigned(tq::cuda::sm_count(0));
   const double t = time_graph(64, [&](int) {
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(ctas);
-    cfg.blockDim = dim3(512);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = tq::cuda::current_stream();
-    cfg.attrs = &attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, empty_launch_kernel, static_cast<int*>(nullptr)));
+    tq::cuda::launch_kernel(empty_launch_kernel, dim3(ctas), dim3(512), smem, tq::cuda::current_stream(),
+                            pdl ? tq::cuda::LaunchMode::programmatic : tq::cuda::LaunchMode::plain,
+                            static_cast<int*>(nullptr));
   });
   report(state, t);
   state.counters["us"] = t * 1e6;

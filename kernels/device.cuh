@@ -24,6 +24,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 #include "kernels/cuda_check.cuh"
 #include "tq/core/device.hpp"
@@ -82,6 +83,33 @@ inline unsigned grid_for(int64_t items, int threads, int device, int blocks_per_
   const int64_t need = (items + threads - 1) / threads;
   const int64_t cap = int64_t(sm_count(device)) * blocks_per_sm;
   return unsigned(std::max<int64_t>(1, std::min(need, cap)));
+}
+
+// How launch_kernel launches: plainly; cooperatively (every block resident at once, or the launch
+// fails: for a grid-wide barrier); or as a programmatic dependent of the previous kernel in the
+// stream (it may start while that one finishes; griddepcontrol.wait in the kernel orders its reads).
+enum class LaunchMode { plain, cooperative, programmatic };
+
+// kernel<<<grid, block, smem, stream>>>(args...) in `mode`, checked. Capturable into a CUDA graph.
+template <class... P, class... A>
+void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, LaunchMode mode,
+                   A&&... args) {
+  cudaLaunchAttribute attr{};
+  if (mode == LaunchMode::cooperative) {
+    attr.id = cudaLaunchAttributeCooperative;
+    attr.val.cooperative = 1;
+  } else if (mode == LaunchMode::programmatic) {
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = mode == LaunchMode::plain ? 0 : 1;
+  TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
 }
 
 // ---- streams ----

@@ -1282,18 +1282,9 @@ inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStrea
   if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ctas = std::min<int64_t>(ctas, std::atoi(v));
   ss.T = ctas * teams_cta;
   ss.iters = (a.N + ss.T - 1) / ss.T;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(ctas));
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cfg.attrs = &attr;
   ss.pdl = gemv_pdl() ? 1 : 0;
-  cfg.numAttrs = ss.pdl ? 1 : 0;
-  TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, ss, tables()));
+  launch_kernel(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), smem, st,
+                ss.pdl ? LaunchMode::programmatic : LaunchMode::plain, a, ss, tables());
 }
 
 // The M = 1 product through the x-stationary kernel; false where it does not apply (K > 16384).

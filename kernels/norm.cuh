@@ -884,21 +884,11 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
               if (bias.defined()) out.bias = Tensor::empty({D}, wdt, x.device());
               sw = weight.defined() ? data_as<W>(out.weight) : nullptr;
               sb = bias.defined() ? data_as<W>(out.bias) : nullptr;
-              // Cooperative: the launch fails rather than run blocks that are not all resident.
-              cudaLaunchAttribute attr{};
-              attr.id = cudaLaunchAttributeCooperative;
-              attr.val.cooperative = 1;
-              cudaLaunchConfig_t cfg{};
-              cfg.gridDim = dim3(unsigned(blocks));
-              cfg.blockDim = dim3(unsigned(threads));
-              cfg.dynamicSmemBytes = smem;
-              cfg.stream = current_stream();
-              cfg.attrs = &attr;
-              cfg.numAttrs = 1;
-              TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, pdx, pw, pb, sw, sb, pg, px, p));
-            } else {
-              kernel<<<unsigned(blocks), threads, smem, current_stream()>>>(pdx, pw, pb, sw, sb, pg, px, p);
             }
+            // Cooperative for the in-kernel sums: the launch fails rather than run blocks that are
+            // not all resident at the grid barrier.
+            launch_kernel(kernel, dim3(unsigned(blocks)), dim3(unsigned(threads)), smem, current_stream(),
+                          in_kernel_sums ? LaunchMode::cooperative : LaunchMode::plain, pdx, pw, pb, sw, sb, pg, px, p);
           };
           if constexpr (kWarpRows<T>) {
             constexpr int M = decltype(m)::value;
