@@ -14,7 +14,7 @@
 //                                    shapes (the acceptance figure: ≥ 3).
 //   nf4_launch_floor/PDL             an empty kernel of the M = 1 product's launch shape, back to
 //                                    back: the per-call floor of this harness (PDL 1: launched as a
-//                                    programmatic dependent, as the M = 1 product is with TQ_NF4_GEMV_PDL=1).
+//                                    programmatic dependent, as the M = 1 product is by default).
 // Each timed call reads a different copy of the weights (the copies span several L2 sizes), as
 // decoding streams every layer's weight from HBM; calls are captured into a CUDA graph so host
 // launch overhead is not measured; the figure is the median over iterations.

@@ -404,16 +404,16 @@ template <int MAXV, int V>
 inline constexpr int kWarpAccFloats = MAXV * V * 32;
 
 // Block size of the backward warp kernel: each block writes one partial row, so bigger blocks mean
-// fewer partials to write and sum. Rows of up to 5 vectors per lane (SigLIP's 1152) fit 128
-// registers: blocks of 8 warps, 2 resident per SM. Longer rows (Gemma's 2048) need 168 registers
-// (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the H200): blocks of 4
-// warps, 3 resident per SM. (One block of 12 or 16 warps per SM would write a third or half the
-// partial rows — 3.2 MB and 2.4 MB are 6% and 9% of the rows' own traffic — and fits the same
-// registers; not measured yet, so not the default.)
+// fewer partials to write and sum: one block holds all the warps an SM runs. Rows of up to 5
+// vectors per lane (SigLIP's 1152) fit 128 registers: 16 warps. Longer rows (Gemma's 2048) need
+// 168 registers (capped at 128 they spill, and the spills miss L1 — measured 20% slower on the
+// H200): 12 warps, 168 · 384 of the SM's 65,536 registers. Blocks of 4 and 8 warps (3 and 2 per
+// SM) wrote 3× and 2× the partial rows; on an H100 this took rms_norm backward (4576 × 2048) from
+// 33.1 to 29.7 µs and layer_norm backward (4096 × 1152) from 20.2 to 19.6 µs (RESULTS.md, 2026-12-07).
 template <int MAXV>
-inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 128 : 256;
+inline constexpr int kWarpBackwardThreads = MAXV > 5 ? 384 : 512;
 template <int MAXV>
-inline constexpr int kWarpBackwardMinBlocks = MAXV > 5 ? 1 : 2;
+inline constexpr int kWarpBackwardMinBlocks = 1;
 
 __host__ __device__ constexpr int warp_acc_index(int k, int e, int lane, int V) {
   return ((k * (V / 4) + e / 4) * 32 + lane) * 4 + e % 4;
@@ -717,8 +717,9 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
 }
 
 // Whether backward_warp_kernel sums the column partials itself (TQ_NORM_BWD_SUM=block: one
-// launch, a cooperative grid barrier) or leaves them to column_sum_kernel (the default until the
-// in-kernel sums are measured on a GPU). Read once.
+// launch, a cooperative grid barrier) or leaves them to column_sum_kernel (the default: in the same
+// H100 run the in-kernel sums were 2–5% slower, 30.3 vs 29.7 µs and 20.5 vs 19.6 µs: the grid
+// barrier costs more than the second launch it saves). Read once.
 inline bool warp_kernel_sums_columns() {
   static const bool v = [] {
     const char* e = std::getenv("TQ_NORM_BWD_SUM");
