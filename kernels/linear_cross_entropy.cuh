@@ -47,6 +47,18 @@ __device__ __forceinline__ double dev_log(double x) { return ::log(x); }
 __device__ __forceinline__ float dev_tanh(float x) { return ::tanhf(x); }
 __device__ __forceinline__ double dev_tanh(double x) { return ::tanh(x); }
 
+// exp of a logit minus a running max or the lse, for logits in T. For bf16/f16 logits the hardware
+// exp2 (__expf: a few fp32 ulps, far below the logits' own rounding; the baseline CE kernel of
+// bench_linear_ce uses it too). With the library expf and one online update per logit, the one-read
+// kernel issued about 40 instructions per logit (divergent lanes take both branches of the update),
+// which at 4576 × 257216 logits is more issue time than the read itself. f32/f64 logits keep the
+// library exp.
+template <class T, class C>
+__device__ __forceinline__ C logit_exp(C x) {
+  if constexpr (sizeof(T) == 2) return __expf(x);
+  else return dev_exp(x);
+}
+
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <class C>
@@ -83,14 +95,27 @@ template <class C>
 struct MaxSum {
   C m, s;
 };
-template <class C>
+template <class T, class C>
 __device__ __forceinline__ void absorb(MaxSum<C>& a, C y) {
   if (y > a.m) {
-    a.s = a.s * dev_exp(a.m - y) + C(1);
+    a.s = a.s * logit_exp<T>(a.m - y) + C(1);
     a.m = y;
   } else {
-    a.s += dev_exp(y - a.m);
+    a.s += logit_exp<T>(y - a.m);
   }
+}
+// absorb of W values at once: one new max, then one exp per value and one for the old sum, with no
+// divergent branch. exp(0) is taken as exactly 1, so a +inf max counts once as in absorb; a NaN never
+// becomes the max and turns s into NaN.
+template <class T, int W, class C>
+__device__ __forceinline__ void absorb_all(MaxSum<C>& a, const C (&y)[W]) {
+  C m = a.m;
+#pragma unroll
+  for (int e = 0; e < W; ++e) m = y[e] > m ? y[e] : m;
+  C s = a.m == m ? a.s : a.s * logit_exp<T>(a.m - m);
+#pragma unroll
+  for (int e = 0; e < W; ++e) s += y[e] == m ? C(1) : logit_exp<T>(y[e] - m);
+  a = {m, s};
 }
 template <class C>
 __device__ __forceinline__ MaxSum<C> merge(MaxSum<C> a, MaxSum<C> b) {
@@ -170,7 +195,7 @@ __global__ void __launch_bounds__(kBlock)
   MaxSum<C> acc{lowest<C>(), C(0)};
   if (targets[row] != ignore_index)  // uniform over the block
     for_each_element<false>(const_cast<T*>(logits) + row * sg.V, begin, end, [&](int64_t, C x) {
-      absorb(acc, sc.value(x));
+      absorb<T>(acc, sc.value(x));
       return x;
     });
   acc = block_merge(acc);
@@ -225,7 +250,7 @@ __global__ void __launch_bounds__(kBlock)
   for_each_element<true>(x, begin, end, [&](int64_t j, C v) {
     C d;
     const C y = sc.value_and_deriv(v, d);
-    const C p = dev_exp(y - l);
+    const C p = logit_exp<T>(y - l);
     return s * (p - (j == t ? C(1) : C(0))) * d;
   });
 }
@@ -264,8 +289,10 @@ __global__ void __launch_bounds__(kBlock)
     for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
       const Vec<T, W> v = xg[k];
       xs[k] = v;
+      C y[W];
 #pragma unroll
-      for (int e = 0; e < W; ++e) absorb(acc, sc.value(convert<C>(v.v[e])));
+      for (int e = 0; e < W; ++e) y[e] = sc.value(convert<C>(v.v[e]));
+      absorb_all<T>(acc, y);
     }
   acc = block_merge(acc);
   if (threadIdx.x == 0) pair_m = acc.m, pair_s = acc.s;
@@ -306,7 +333,7 @@ __global__ void __launch_bounds__(kBlock)
     for (int e = 0; e < W; ++e) {
       C d;
       const C y = sc.value_and_deriv(convert<C>(v.v[e]), d);
-      const C p = dev_exp(y - lse);
+      const C p = logit_exp<T>(y - lse);
       v.v[e] = convert<T>(s * (p - (begin + k * W + e == t ? C(1) : C(0))) * d);
     }
     xg[k] = v;

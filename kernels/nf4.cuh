@@ -888,7 +888,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
   // (x, codes, scales, bias) comes after griddepcontrol.wait, which returns once the previous grid
   // has completed and its writes are visible (at once without the attribute).
   if (!ss.pdl) fetch(0, b0);
-  asm volatile("griddepcontrol.launch_dependents;");
+  grid_dependents_launch();
   for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
     stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
                               __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
     const float2 v = stage[f >> 4];
     reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
   }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  grid_dependency_wait();
   if (ss.pdl) fetch(0, b0);  // in flight while x is loaded
 
   // x[c·E .. c·E + E) of the lane's chunks as f32 (zeros for a chunk past the row: its codes decode
@@ -1245,10 +1245,7 @@ inline char gemv_x_path() {
 // bf16 in geometric mean over the decode shapes against 1.62× without, same H100 run (RESULTS.md,
 // 2026-12-07); TQ_NF4_GEMV_PDL=0 turns it off. Read once.
 inline bool gemv_pdl() {
-  static const bool v = [] {
-    const char* e = std::getenv("TQ_NF4_GEMV_PDL");
-    return !(e && e[0] == '0');
-  }();
+  static const bool v = env_switch_on("TQ_NF4_GEMV_PDL");
   return v;
 }
 

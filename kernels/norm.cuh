@@ -15,6 +15,9 @@
 //   partials of each column are summed in double in a fixed order, by a second kernel or (the
 //   warp kernel with TQ_NORM_BWD_SUM=block, cooperative launch) by the same kernel after a
 //   grid-wide barrier. Deterministic, no atomics; the (rows, D) products g·x̂ are never materialized.
+// - On sm_90 the warp backward kernel and the column sums are programmatic dependents of the kernel
+//   before them (backward_pdl): each waits (griddepcontrol.wait) before its first global access, so
+//   only its launch overlaps its predecessor's tail.
 // - No host synchronization: every launch is capturable into a CUDA graph.
 #pragma once
 
@@ -483,8 +486,10 @@ __global__ void __launch_bounds__(kWarpBackwardThreads<MAXV>, kWarpBackwardMinBl
   C* scale = acc + nwarps * kKinds * kAcc;      // (D) offset + w
   C* my_w = acc + warp * kKinds * kAcc;         // this warp's dw accumulators (kAcc)
   C* my_b = my_w + kAcc;                        // its db accumulators (kAcc, kBias only)
-  for (int j = threadIdx.x; j < p.D; j += blockDim.x) scale[j] = p.w ? add_rn(p.offset, convert<C>(p.w[j])) : C(1);
+  grid_dependents_launch();  // the column sums may be scheduled as this grid's blocks leave
   for (int i = lane * 4; i < kKinds * kAcc; i += 128) *reinterpret_cast<C4*>(my_w + i) = C4{};
+  grid_dependency_wait();  // as a programmatic dependent: the previous kernel's writes are visible from here
+  for (int j = threadIdx.x; j < p.D; j += blockDim.x) scale[j] = p.w ? add_rn(p.offset, convert<C>(p.w[j])) : C(1);
   __syncthreads();
   for (int64_t r = int64_t(blockIdx.x) * nwarps + warp; r < p.rows; r += int64_t(gridDim.x) * nwarps) {
     const VT* xr = reinterpret_cast<const VT*>(x + r * p.D);  // (D / V) vectors
@@ -586,6 +591,8 @@ __global__ void __launch_bounds__(kSumCols * kSumGroups) column_sum_kernel(O* __
                                                                           const C* __restrict__ part, int64_t nparts,
                                                                           int64_t D) {
   __shared__ double tile[kSumGroups][kSumCols + 1];
+  grid_dependents_launch();
+  grid_dependency_wait();  // launched as a programmatic dependent of the kernel that wrote `part`
   const C* src = part + int64_t(blockIdx.y) * nparts * D;  // (nparts, D)
   O* out = blockIdx.y == 0 ? out0 : out1;                   // (D)
   const int64_t j = int64_t(blockIdx.x) * kSumCols + threadIdx.x;
@@ -689,6 +696,15 @@ void with_affine_type(DType wdt, F&& fn) {
   else fn(compute_t<T>{});
 }
 
+// Whether the backward kernels are launched as programmatic dependents (the warp kernel of the
+// previous kernel, the column sums of the kernel that wrote the partial rows): each starts as its
+// predecessor's blocks leave instead of after a launch gap. TQ_NORM_BWD_PDL=0 turns it off (the A/B
+// in RESULTS.md). Read once.
+inline bool backward_pdl() {
+  static const bool v = env_switch_on("TQ_NORM_BWD_PDL");
+  return v;
+}
+
 // Σ over the partial rows, per column, of each (nparts, D) slice k of part (kinds, nparts, D) in
 // the compute dtype, as a (D) tensor of out_dtypes[k]. One launch when the dtypes agree.
 inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64_t D, const std::vector<DType>& out_dtypes) {
@@ -705,10 +721,10 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
       dispatch_float(out_dtypes[size_t(k)], "norm backward", [&](auto otag) {
         using O = decltype(otag);
         O* o1 = together ? data_as<O>(out[1]) : nullptr;
-        column_sum_kernel<C, O><<<dim3(blocks, together ? 2u : 1u), block, 0, current_stream()>>>(
-            data_as<O>(out[size_t(k)]), o1, base + int64_t(k) * nparts * D, nparts, D);
+        launch_kernel(column_sum_kernel<C, O>, dim3(blocks, together ? 2u : 1u), block, 0, current_stream(),
+                      dependent_launch(backward_pdl(), part.device().index), data_as<O>(out[size_t(k)]), o1,
+                      base + int64_t(k) * nparts * D, nparts, D);
       });
-      check_launch();
     }
   };
   if (part.dtype() == DType::f64) launch(double{});
@@ -889,7 +905,8 @@ inline ops::NormGrads norm_backward(const Tensor& grad_out, const Tensor& x_in, 
             // Cooperative for the in-kernel sums: the launch fails rather than run blocks that are
             // not all resident at the grid barrier.
             launch_kernel(kernel, dim3(unsigned(blocks)), dim3(unsigned(threads)), smem, current_stream(),
-                          in_kernel_sums ? LaunchMode::cooperative : LaunchMode::plain, pdx, pw, pb, sw, sb, pg, px, p);
+                          in_kernel_sums ? LaunchMode::cooperative : dependent_launch(backward_pdl(), dev), pdx, pw,
+                          pb, sw, sb, pg, px, p);
           };
           if constexpr (kWarpRows<T>) {
             constexpr int M = decltype(m)::value;
