@@ -21,13 +21,13 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <utility>
 
 #include "kernels/cuda_check.cuh"
+#include "kernels/pdl.cuh"
 #include "tq/core/device.hpp"
 #include "tq/core/tensor.hpp"
 
@@ -95,28 +95,6 @@ enum class LaunchMode { plain, cooperative, programmatic };
 // else plain. The kernel must call grid_dependency_wait() before its first global access.
 inline LaunchMode dependent_launch(bool wanted, int device) {
   return wanted && device_properties(device).major >= 9 ? LaunchMode::programmatic : LaunchMode::plain;
-}
-
-// An environment switch that is on unless set to "0" (the A/B switches of programmatic launches), read once
-// per call site by the caller's static.
-inline bool env_switch_on(const char* name) {
-  const char* e = std::getenv(name);
-  return !(e && e[0] == '0');
-}
-
-// In a kernel that may run as a programmatic dependent: grid_dependents_launch() lets the next kernel in
-// the stream be scheduled (its blocks start as this grid's blocks leave the SMs); grid_dependency_wait()
-// returns once the previous grid has completed and its writes are visible. Everything before the wait
-// may touch only registers and shared memory. Both are no-ops in a plain launch and before sm_90.
-__device__ __forceinline__ void grid_dependents_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) in `mode`, checked. Capturable into a CUDA graph.

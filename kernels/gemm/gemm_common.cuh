@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include <kernels/cuda_check.cuh>
+#include <kernels/pdl.cuh>
 
 namespace tq::kernels {
 
@@ -183,6 +184,7 @@ __device__ __forceinline__ void epi_store4(const Epilogue& e, int row, int col, 
 // ws: (splits, M, N) fp32 partial sums, contiguous. Sums the splits and applies the epilogue.
 template <class = void>
 __global__ void gemm_splitk_epilogue_kernel(const float* __restrict__ ws, int splits, Epilogue e) {
+  tq::cuda::grid_dependency_wait();  // a programmatic dependent of the kernel that wrote ws
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -196,6 +198,7 @@ __global__ void gemm_splitk_epilogue_kernel(const float* __restrict__ ws, int sp
 // loads of every split's partials, all issued before the sums.
 template <class = void>
 __global__ void gemm_splitk_epilogue4_kernel(const float* __restrict__ ws, int splits, Epilogue e) {
+  tq::cuda::grid_dependency_wait();  // a programmatic dependent of the kernel that wrote ws
   const int64_t total = static_cast<int64_t>(e.M) * e.N, quads = total / 4;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < quads;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -210,18 +213,24 @@ __global__ void gemm_splitk_epilogue4_kernel(const float* __restrict__ ws, int s
   }
 }
 
-inline void launch_splitk_epilogue(const float* ws, int splits, const Epilogue& e,
-                                   cudaStream_t stream) {
+// `programmatic` (sm_90 only): launched as a programmatic dependent of the kernel that wrote ws, so
+// its blocks take the SMs as that kernel's leave instead of after a launch gap.
+inline void launch_splitk_epilogue(const float* ws, int splits, const Epilogue& e, cudaStream_t stream,
+                                   bool programmatic = false) {
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
-  if (e.quad_ok && reinterpret_cast<uintptr_t>(ws) % 16 == 0) {
-    const int blocks = static_cast<int>(std::min<int64_t>((total / 4 + 255) / 256, 132 * 16));
-    gemm_splitk_epilogue4_kernel<><<<blocks, 256, 0, stream>>>(ws, splits, e);
-    TQ_CUDA_CHECK_LAUNCH();
-    return;
-  }
-  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 132 * 16));
-  gemm_splitk_epilogue_kernel<><<<blocks, 256, 0, stream>>>(ws, splits, e);
-  TQ_CUDA_CHECK_LAUNCH();
+  const bool quad = e.quad_ok && reinterpret_cast<uintptr_t>(ws) % 16 == 0;
+  const int blocks = static_cast<int>(std::min<int64_t>(((quad ? total / 4 : total) + 255) / 256, 132 * 16));
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(256);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = programmatic ? 1 : 0;
+  if (quad) TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemm_splitk_epilogue4_kernel<>, ws, splits, e));
+  else TQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemm_splitk_epilogue_kernel<>, ws, splits, e));
 }
 
 // Any strides, any alignment: one thread per output element, 16x16 tiles staged in shared memory.

@@ -202,6 +202,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  // As a programmatic dependent (gemm_pdl): the kernel before this one has completed from here on;
+  // only the launch and the barrier set-up above overlap its tail.
+  tq::cuda::grid_dependents_launch();
+  tq::cuda::grid_dependency_wait();
 
   const int units = sched.units();
   if (wg == 0) {
@@ -523,24 +527,43 @@ void set_smem_attribute() {
   (void)done;
 }
 
-// A launch of `grid` CTAs of the GEMM kernel in clusters of `splits` along x.
-struct ClusterLaunch {
-  cudaLaunchAttribute attr{};
+// Whether the GEMM kernel and its split-K epilogue are launched as programmatic dependents of the
+// kernel before each (the kernel waits, griddepcontrol.wait, before its first global access; what
+// overlaps the predecessor's tail is the launch and the CTAs' set-up). TQ_GEMM_PDL=0 turns it off
+// (the A/B in bench/RESULTS.md). Read once.
+inline bool gemm_pdl() {
+  static const bool v = tq::cuda::env_switch_on("TQ_GEMM_PDL");
+  return v;
+}
+
+// A launch of `grid` CTAs of the GEMM kernel, in clusters of `splits` along x when splits > 1, as a
+// programmatic dependent when `programmatic`.
+struct KernelLaunch {
+  cudaLaunchAttribute attr[2] = {};
   cudaLaunchConfig_t cfg{};
-  ClusterLaunch(int64_t grid, int splits, size_t smem, cudaStream_t stream) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(splits);
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
+  KernelLaunch(int64_t grid, int splits, size_t smem, cudaStream_t stream, bool programmatic) {
+    unsigned n = 0;
+    if (splits > 1) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n].val.clusterDim.x = static_cast<unsigned>(splits);
+      attr[n].val.clusterDim.y = 1;
+      attr[n].val.clusterDim.z = 1;
+      ++n;
+    }
+    if (programmatic) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n].val.programmaticStreamSerializationAllowed = 1;
+      ++n;
+    }
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
     cfg.blockDim = dim3(kThreads);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = n;
   }
-  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg points at attr
-  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+  KernelLaunch(const KernelLaunch&) = delete;  // cfg points at attr
+  KernelLaunch& operator=(const KernelLaunch&) = delete;
 };
 
 // How many clusters of `splits` CTAs of the BN-wide kernel the device runs at once (one CTA per
@@ -548,7 +571,7 @@ struct ClusterLaunch {
 template <int BN>
 int query_cluster_capacity(int splits) {
   set_smem_attribute<BN, false, false>();
-  const ClusterLaunch launch(int64_t(splits) * 64, splits, Config<BN>::kSmemBytes, nullptr);
+  const KernelLaunch launch(int64_t(splits) * 64, splits, Config<BN>::kSmemBytes, nullptr, false);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, gemm_sm90_kernel<BN, false, false>, &launch.cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it, and use the global split path
@@ -669,13 +692,12 @@ void launch_tile(const GemmParams& p, int splits, bool cluster, float* ws, int s
   if (cluster) {
     // One unit per CTA, the splits of a tile in one cluster (cluster rank = split).
     TQ_CHECK(units < (int64_t(1) << 31), "gemm sm90: too many work units");
-    const ClusterLaunch launch(units, splits, Cfg::kSmemBytes, stream);
+    const KernelLaunch launch(units, splits, Cfg::kSmemBytes, stream, gemm_pdl());
     TQ_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, ma, mb, mc, epi, ws, sched, 0, 1));
     return;
   }
-  const int grid = static_cast<int>(std::min<int64_t>(units, sms));
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(ma, mb, mc, epi, ws, sched, tma_c ? 1 : 0, 0);
-  TQ_CUDA_CHECK_LAUNCH();
+  const KernelLaunch launch(std::min<int64_t>(units, sms), 1, Cfg::kSmemBytes, stream, gemm_pdl());
+  TQ_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, ma, mb, mc, epi, ws, sched, tma_c ? 1 : 0, 0));
 }
 
 template <int BN>
@@ -719,7 +741,7 @@ inline void gemm_sm90(const GemmParams& p, cudaStream_t stream) {
     case 192: launch_bn<192>(p, c.splits, c.cluster, ws, sms, stream); break;
     default: launch_bn<128>(p, c.splits, c.cluster, ws, sms, stream); break;
   }
-  if (global_split) launch_splitk_epilogue(ws, c.splits, make_epilogue(p), stream);
+  if (global_split) launch_splitk_epilogue(ws, c.splits, make_epilogue(p), stream, gemm_pdl());
 }
 
 }  // namespace tq::kernels::sm90
