@@ -47,18 +47,6 @@ __device__ __forceinline__ double dev_log(double x) { return ::log(x); }
 __device__ __forceinline__ float dev_tanh(float x) { return ::tanhf(x); }
 __device__ __forceinline__ double dev_tanh(double x) { return ::tanh(x); }
 
-// exp of a logit minus a running max or the lse, for logits in T. For bf16/f16 logits the hardware
-// exp2 (__expf: a few fp32 ulps, far below the logits' own rounding; the baseline CE kernel of
-// bench_linear_ce uses it too). With the library expf and one online update per logit, the one-read
-// kernel issued about 40 instructions per logit (divergent lanes take both branches of the update),
-// which at 4576 × 257216 logits is more issue time than the read itself. f32/f64 logits keep the
-// library exp.
-template <class T, class C>
-__device__ __forceinline__ C logit_exp(C x) {
-  if constexpr (sizeof(T) == 2) return __expf(x);
-  else return dev_exp(x);
-}
-
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <class C>
@@ -66,11 +54,23 @@ __device__ __forceinline__ C lowest() {
   return std::is_same_v<C, double> ? -DBL_MAX : -FLT_MAX;
 }
 
-// The logit the loss sees, as ops::softcap_logit: every step rounded to T like the unfused ops.
+// The logit the loss sees, as ops::softcap_logit (every step rounded to T like the unfused ops), and
+// the exp of a logit minus a running max or the lse. fast_exp (bf16/f16 logits only, the default):
+// the hardware exp2 (__expf: a few fp32 ulps, far below the logits' own rounding; the baseline CE
+// kernel of bench_linear_ce uses it too). With the library expf and one online update per logit,
+// the one-read kernel issued about 40 instructions per logit (divergent lanes take both branches of
+// the update), more issue time than the read itself. TQ_LCE_EXACT_EXP=1 keeps the library exp.
 template <class T>
-struct Softcap {
+struct LogitMath {
   using C = compute_t<T>;
   C cap;  // already rounded to T; 0 = off
+  bool fast_exp;
+  __device__ __forceinline__ C exp(C x) const {
+    if constexpr (sizeof(T) == 2) {
+      if (fast_exp) return __expf(x);
+    }
+    return dev_exp(x);
+  }
   __device__ __forceinline__ static C round(C v) { return convert<C>(convert<T>(v)); }
   __device__ __forceinline__ C value(C x) const {
     if (cap == C(0)) return x;
@@ -95,26 +95,26 @@ template <class C>
 struct MaxSum {
   C m, s;
 };
-template <class T, class C>
-__device__ __forceinline__ void absorb(MaxSum<C>& a, C y) {
+template <class C, class L>
+__device__ __forceinline__ void absorb(MaxSum<C>& a, C y, const L& lm) {
   if (y > a.m) {
-    a.s = a.s * logit_exp<T>(a.m - y) + C(1);
+    a.s = a.s * lm.exp(a.m - y) + C(1);
     a.m = y;
   } else {
-    a.s += logit_exp<T>(y - a.m);
+    a.s += lm.exp(y - a.m);
   }
 }
 // absorb of W values at once: one new max, then one exp per value and one for the old sum, with no
 // divergent branch. exp(0) is taken as exactly 1, so a +inf max counts once as in absorb; a NaN never
 // becomes the max and turns s into NaN.
-template <class T, int W, class C>
-__device__ __forceinline__ void absorb_all(MaxSum<C>& a, const C (&y)[W]) {
+template <int W, class C, class L>
+__device__ __forceinline__ void absorb_all(MaxSum<C>& a, const C (&y)[W], const L& lm) {
   C m = a.m;
 #pragma unroll
   for (int e = 0; e < W; ++e) m = y[e] > m ? y[e] : m;
-  C s = a.m == m ? a.s : a.s * logit_exp<T>(a.m - m);
+  C s = a.m == m ? a.s : a.s * lm.exp(a.m - m);
 #pragma unroll
-  for (int e = 0; e < W; ++e) s += y[e] == m ? C(1) : logit_exp<T>(y[e] - m);
+  for (int e = 0; e < W; ++e) s += y[e] == m ? C(1) : lm.exp(y[e] - m);
   a = {m, s};
 }
 template <class C>
@@ -142,31 +142,42 @@ __device__ MaxSum<C> block_merge(MaxSum<C> v) {
   return v;
 }
 
-// Calls f(j, x[j] as C) for j in [begin, end), spread over the block; 16-byte loads from the first
-// aligned element. With kWrite, x[j] = T(f(...)) is stored back (16-byte stores likewise).
+// Walks x[j] for j in [begin, end), spread over the block: one(j) for the elements before the first
+// 16-byte boundary and after the last whole vector, vec(j0, v) for each 16-byte vector v = x[j0 ..
+// j0 + W) in between.
+template <class T, class One, class Vecf>
+__device__ __forceinline__ void walk_row(T* x, int64_t begin, int64_t end, One&& one, Vecf&& vec) {
+  constexpr int W = kVecWidth<T>;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(x + begin);
+  const int64_t head = imin(end - begin, int64_t((16 - addr % 16) % 16) / int64_t(sizeof(T)));
+  for (int64_t j = begin + threadIdx.x; j < begin + head; j += blockDim.x) one(j);
+  const int64_t vbegin = begin + head, nv = (end - vbegin) / W;
+  Vec<T, W>* xv = reinterpret_cast<Vec<T, W>*>(x + vbegin);  // (nv) 16-byte vectors
+  for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) vec(vbegin + k * W, xv[k]);
+  for (int64_t j = vbegin + nv * W + threadIdx.x; j < end; j += blockDim.x) one(j);
+}
+
+// Calls f(j, x[j] as C) for j in [begin, end), spread over the block, with 16-byte loads where
+// aligned. With kWrite, x[j] = T(f(...)) is stored back (16-byte stores likewise).
 template <bool kWrite, class T, class F>
 __device__ __forceinline__ void for_each_element(T* x, int64_t begin, int64_t end, F&& f) {
   using C = compute_t<T>;
   constexpr int W = kVecWidth<T>;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(x + begin);
-  const int64_t head = imin(end - begin, int64_t((16 - addr % 16) % 16) / int64_t(sizeof(T)));
-  auto one = [&](int64_t j) {
-    const C r = f(j, convert<C>(x[j]));
-    if constexpr (kWrite) x[j] = convert<T>(r);
-  };
-  for (int64_t j = begin + threadIdx.x; j < begin + head; j += blockDim.x) one(j);
-  const int64_t vbegin = begin + head, nv = (end - vbegin) / W;
-  Vec<T, W>* xv = reinterpret_cast<Vec<T, W>*>(x + vbegin);  // (nv) 16-byte vectors
-  for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
-    Vec<T, W> v = xv[k];
+  walk_row(
+      x, begin, end,
+      [&](int64_t j) {
+        const C r = f(j, convert<C>(x[j]));
+        if constexpr (kWrite) x[j] = convert<T>(r);
+      },
+      [&](int64_t j0, Vec<T, W>& ref) {
+        Vec<T, W> v = ref;
 #pragma unroll
-    for (int e = 0; e < W; ++e) {
-      const C r = f(vbegin + k * W + e, convert<C>(v.v[e]));
-      if constexpr (kWrite) v.v[e] = convert<T>(r);
-    }
-    if constexpr (kWrite) xv[k] = v;
-  }
-  for (int64_t j = vbegin + nv * W + threadIdx.x; j < end; j += blockDim.x) one(j);
+        for (int e = 0; e < W; ++e) {
+          const C r = f(j0 + e, convert<C>(v.v[e]));
+          if constexpr (kWrite) v.v[e] = convert<T>(r);
+        }
+        if constexpr (kWrite) ref = v;
+      });
 }
 
 // Geometry of the row segments: block u handles row u / segments, elements
@@ -187,17 +198,23 @@ Segments make_segments(int64_t V) {
 template <class T>
 __global__ void __launch_bounds__(kBlock)
     partial_stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t ignore_index,
-                         Segments sg, Softcap<T> sc, compute_t<T>* __restrict__ part_max,
+                         Segments sg, LogitMath<T> sc, compute_t<T>* __restrict__ part_max,
                          compute_t<T>* __restrict__ part_sum) {
   using C = compute_t<T>;
   const int64_t unit = blockIdx.x, row = unit / sg.count;
   const int64_t begin = (unit % sg.count) * sg.seg_len, end = imin(sg.V, begin + sg.seg_len);
   MaxSum<C> acc{lowest<C>(), C(0)};
+  constexpr int W = kVecWidth<T>;
   if (targets[row] != ignore_index)  // uniform over the block
-    for_each_element<false>(const_cast<T*>(logits) + row * sg.V, begin, end, [&](int64_t, C x) {
-      absorb<T>(acc, sc.value(x));
-      return x;
-    });
+    walk_row(
+        const_cast<T*>(logits) + row * sg.V, begin, end,
+        [&](int64_t j) { absorb(acc, sc.value(convert<C>(logits[row * sg.V + j])), sc); },
+        [&](int64_t, const Vec<T, W>& v) {
+          C y[W];
+#pragma unroll
+          for (int e = 0; e < W; ++e) y[e] = sc.value(convert<C>(v.v[e]));
+          absorb_all(acc, y, sc);
+        });
   acc = block_merge(acc);
   if (threadIdx.x == 0) {
     part_max[unit] = acc.m;
@@ -209,7 +226,7 @@ __global__ void __launch_bounds__(kBlock)
 template <class T>
 __global__ void __launch_bounds__(kBlock)
     row_loss_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t ignore_index,
-                    Segments sg, Softcap<T> sc, const compute_t<T>* __restrict__ part_max,
+                    Segments sg, LogitMath<T> sc, const compute_t<T>* __restrict__ part_max,
                     const compute_t<T>* __restrict__ part_sum, int64_t rows, compute_t<T>* __restrict__ lse,
                     compute_t<T>* __restrict__ row_loss) {
   using C = compute_t<T>;
@@ -234,7 +251,7 @@ __global__ void __launch_bounds__(kBlock)
 template <class T>
 __global__ void __launch_bounds__(kBlock)
     grad_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t ignore_index, Segments sg,
-                Softcap<T> sc, const compute_t<T>* __restrict__ lse, const compute_t<T>* __restrict__ scale,
+                LogitMath<T> sc, const compute_t<T>* __restrict__ lse, const compute_t<T>* __restrict__ scale,
                 int64_t units) {
   using C = compute_t<T>;
   const int64_t unit = units - 1 - int64_t(blockIdx.x);  // reverse of step 2's order (L2 reuse)
@@ -250,7 +267,7 @@ __global__ void __launch_bounds__(kBlock)
   for_each_element<true>(x, begin, end, [&](int64_t j, C v) {
     C d;
     const C y = sc.value_and_deriv(v, d);
-    const C p = logit_exp<T>(y - l);
+    const C p = sc.exp(y - l);
     return s * (p - (j == t ? C(1) : C(0))) * d;
   });
 }
@@ -267,7 +284,7 @@ constexpr size_t kClusterSliceBytes = 200 << 10;  // the largest slice kept in s
 template <class T>
 __global__ void __launch_bounds__(kBlock)
     row_cluster_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t ignore_index, int64_t V,
-                       int64_t slice, Softcap<T> sc, const compute_t<T>* __restrict__ scale, bool grad,
+                       int64_t slice, LogitMath<T> sc, const compute_t<T>* __restrict__ scale, bool grad,
                        compute_t<T>* __restrict__ row_loss) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using C = compute_t<T>;
@@ -292,7 +309,7 @@ __global__ void __launch_bounds__(kBlock)
       C y[W];
 #pragma unroll
       for (int e = 0; e < W; ++e) y[e] = sc.value(convert<C>(v.v[e]));
-      absorb_all<T>(acc, y);
+      absorb_all(acc, y, sc);
     }
   acc = block_merge(acc);
   if (threadIdx.x == 0) pair_m = acc.m, pair_s = acc.s;
@@ -333,7 +350,7 @@ __global__ void __launch_bounds__(kBlock)
     for (int e = 0; e < W; ++e) {
       C d;
       const C y = sc.value_and_deriv(convert<C>(v.v[e]), d);
-      const C p = logit_exp<T>(y - lse);
+      const C p = sc.exp(y - lse);
       v.v[e] = convert<T>(s * (p - (begin + k * W + e == t ? C(1) : C(0))) * d);
     }
     xg[k] = v;
@@ -358,7 +375,7 @@ int64_t cluster_slice(int64_t V, const void* logits, int device) {
 
 template <class T>
 void launch_row_cluster(T* logits, const int64_t* targets, int64_t ignore_index, int64_t rows, int64_t V,
-                        int64_t slice, Softcap<T> sc, const compute_t<T>* scale, bool grad,
+                        int64_t slice, LogitMath<T> sc, const compute_t<T>* scale, bool grad,
                         compute_t<T>* row_loss, cudaStream_t st) {
   static const bool attr_set = [] {
     TQ_CUDA_CHECK(cudaFuncSetAttribute(row_cluster_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -455,7 +472,7 @@ struct Workspace {
 // write for the gradient (its blocks run in reverse, so the rows read last are still in L2).
 template <class T>
 void two_pass_rows(const Workspace<T>& k, T* lg, const int64_t* tg, int64_t ignore_index, int64_t rows,
-                   const Segments& sg, const Softcap<T>& sc, bool grad, compute_t<T>* row_loss, cudaStream_t st) {
+                   const Segments& sg, const LogitMath<T>& sc, bool grad, compute_t<T>* row_loss, cudaStream_t st) {
   using C = compute_t<T>;
   const int64_t units = rows * sg.count;
   TQ_CHECK(units <= int64_t(INT32_MAX), "linear_cross_entropy: too many row segments in one chunk (", units, ")");
@@ -484,7 +501,11 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const Segments sg = make_segments<T>(V);
   cudaStream_t st = current_stream();
   Workspace<T> k(n, R, V, sg, dev);
-  const Softcap<T> sc{C(to_double(from_double<T>(opt.softcap)))};
+  static const bool exact_exp = [] {
+    const char* e = std::getenv("TQ_LCE_EXACT_EXP");
+    return e != nullptr && e[0] == '1';
+  }();
+  const LogitMath<T> sc{C(to_double(from_double<T>(opt.softcap))), !exact_exp};
   const int64_t* tg = targets.data<int64_t>();
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
