@@ -159,6 +159,7 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint
 
 struct Schedule {
   int tiles_m, tiles_n, splits, k_blocks;
+  int early_trigger;  // let the next programmatic dependent be scheduled at the start (else at exit)
   __device__ __forceinline__ int units() const { return tiles_m * tiles_n * splits; }
   // Unit -> (tile row, tile column, split, first and one-past-last k block).
   __device__ __forceinline__ void decode(int u, int& tm, int& tn, int& kb0, int& kb1) const {
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   // As a programmatic dependent (gemm_pdl): the kernel before this one has completed from here on;
   // only the launch and the barrier set-up above overlap its tail.
-  tq::cuda::grid_dependents_launch();
+  if (sched.early_trigger) tq::cuda::grid_dependents_launch();
   tq::cuda::grid_dependency_wait();
 
   const int units = sched.units();
@@ -535,6 +536,15 @@ inline bool gemm_pdl() {
   static const bool v = tq::cuda::env_switch_on("TQ_GEMM_PDL");
   return v;
 }
+// Whether a CTA lets the next programmatic dependent be scheduled as it starts (its CTAs then wait on
+// the SMs this grid leaves idle) or only as it exits. TQ_GEMM_PDL_TRIGGER=late for the A/B.
+inline bool gemm_pdl_early_trigger() {
+  static const bool v = [] {
+    const char* e = std::getenv("TQ_GEMM_PDL_TRIGGER");
+    return !(e && e[0] == 'l');
+  }();
+  return v;
+}
 
 // A launch of `grid` CTAs of the GEMM kernel, in clusters of `splits` along x when splits > 1, as a
 // programmatic dependent when `programmatic`.
@@ -686,7 +696,8 @@ void launch_tile(const GemmParams& p, int splits, bool cluster, float* ws, int s
   const bool tma_c = c_store_fits(p) && splits == 1;
   CUtensorMap mc{};
   if (tma_c) mc = make_tensor_map(p.C, p.M, p.N, p.ldc, 64);  // box (64, 64)
-  Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK};
+  Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK,
+                 gemm_pdl_early_trigger() ? 1 : 0};
   const int64_t units = static_cast<int64_t>(sched.tiles_m) * sched.tiles_n * splits;
   const Epilogue epi = make_epilogue(p);
   if (cluster) {
