@@ -4,9 +4,9 @@
 //
 // Per chunk of R rows (R from ops::linear_ce_chunk_rows: the chunk's logits ≤ 256 MiB):
 //   1. logits (R, V) in T = h_chunk · Wᵀ            our GEMM (bf16) / the SIMT kernel (f16/f32/f64)
-//   2-4, on sm_90 when rows are tiled by 16-byte vectors (bf16/f16/f32): row_cluster_kernel, one
-//      cluster of 8 CTAs per row holding the row in shared memory — each logit is read once and
-//      dlogits written once. Otherwise three kernels:
+//   2-4, on sm_90 when gradients are wanted and rows are tiled by 16-byte vectors (bf16/f16/f32):
+//      row_cluster_kernel, one cluster of 8 CTAs per row holding the row in shared memory — each
+//      logit is read once and dlogits written once. Otherwise (and for the loss alone) three kernels:
 //   2. partial_stats_kernel: each (row, segment) block folds its segment of the softcapped row
 //      into an online (max, Σexp) pair in fp32 — one read of the logits
 //   3. row_loss_kernel: per row, lse = merge of the segment pairs; loss_r = lse − y[t_r]
@@ -153,6 +153,7 @@ __device__ __forceinline__ void walk_row(T* x, int64_t begin, int64_t end, One&&
   for (int64_t j = begin + threadIdx.x; j < begin + head; j += blockDim.x) one(j);
   const int64_t vbegin = begin + head, nv = (end - vbegin) / W;
   Vec<T, W>* xv = reinterpret_cast<Vec<T, W>*>(x + vbegin);  // (nv) 16-byte vectors
+#pragma unroll 4
   for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) vec(vbegin + k * W, xv[k]);
   for (int64_t j = vbegin + nv * W + threadIdx.x; j < end; j += blockDim.x) one(j);
 }
@@ -187,8 +188,12 @@ struct Segments {
   int count;
 };
 template <class T>
-Segments make_segments(int64_t V) {
-  const int64_t want = std::clamp<int64_t>((V + kMinSegment - 1) / kMinSegment, 1, kMaxSegments);
+// Segments per row: enough for about 4 blocks per SM over a chunk of `rows` rows, at most
+// kMaxSegments and none shorter than kMinSegment. (By V alone, 416 rows of 257216 logits made 64
+// segments each: 26,624 blocks of 2 vectors per thread, slower than one block per row.)
+Segments make_segments(int64_t V, int64_t rows, int sms) {
+  const int64_t by_rows = (int64_t(4) * sms + rows - 1) / std::max<int64_t>(rows, 1);
+  const int64_t want = std::clamp<int64_t>(std::min((V + kMinSegment - 1) / kMinSegment, by_rows), 1, kMaxSegments);
   constexpr int64_t W = kVecWidth<T>;
   const int64_t len = ((V + want - 1) / want + W - 1) / W * W;  // whole vectors, so segments stay aligned
   return {V, len, int((V + len - 1) / len)};
@@ -363,6 +368,8 @@ __global__ void __launch_bounds__(kBlock)
 // Elements of the row each CTA of a cluster keeps (whole vectors), or 0 when the one-read path does
 // not apply: not sm_90, f64, rows not tiled by 16-byte vectors, or a slice over the budget.
 // TQ_LCE_TWO_PASS=1 in the environment forces the three-kernel path (tests compare the two).
+// Without gradients the three-kernel path reads each logit once too and runs no clusters, so it is
+// the default there; TQ_LCE_TWO_PASS=0 forces the cluster kernel for the loss alone as well.
 template <class T>
 int64_t cluster_slice(int64_t V, const void* logits, int device) {
   constexpr int64_t W = kVecWidth<T>;
@@ -498,7 +505,7 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const Device dev = h.device();
   const int64_t n = h.size(0), D = h.size(1), V = w.size(0), hs = h.stride(0), ws = w.stride(0);
   const int64_t R = ops::linear_ce_chunk_rows(n, V, ldt, opt.chunk_rows);
-  const Segments sg = make_segments<T>(V);
+  const Segments sg = make_segments<T>(V, R, sm_count(dev.index));
   cudaStream_t st = current_stream();
   Workspace<T> k(n, R, V, sg, dev);
   static const bool exact_exp = [] {
@@ -510,7 +517,12 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
   T* lg = k.template p<T>(k.logits);
-  const int64_t slice = cluster_slice<T>(V, lg, dev.index);  // 0: the three-kernel path
+  static const bool force_cluster = [] {
+    const char* e = std::getenv("TQ_LCE_TWO_PASS");
+    return e != nullptr && e[0] == '0';
+  }();
+  // 0: the three-kernel path (always for the loss alone unless forced: one read either way)
+  const int64_t slice = want_h || want_w || force_cluster ? cluster_slice<T>(V, lg, dev.index) : 0;
   ops::LinearCrossEntropyResult res;
   res.loss = Tensor::empty({}, cdt, dev);
   if (want_h) res.grad_h = Tensor::empty({n, D}, cdt, dev);  // every row written by its chunk

@@ -580,46 +580,65 @@ size_t backward_warp_smem(int64_t D) {
 }
 
 // out{y} (D) = Σ over the nparts rows of part[y] (part: (gridDim.y ≤ 2, nparts, D)), per column:
-// kSumGroups strided groups of rows summed in double, then the groups in order, rounded once from
-// double to O (as the CPU's double column sums .to(weight dtype)). Block (kSumCols, kSumGroups)
-// covers kSumCols columns (one 32-byte sector of an fp32 partial row), so that a (D) sum spreads
-// over D / 8 blocks (256 for Gemma's 2048) and each thread reads only a few partials; they were
-// just written, so these reads come from L2. The order is fixed: deterministic.
-inline constexpr int kSumCols = 8, kSumGroups = 128;
-template <class C, class O>
-__global__ void __launch_bounds__(kSumCols * kSumGroups) column_sum_kernel(O* __restrict__ out0, O* __restrict__ out1,
-                                                                          const C* __restrict__ part, int64_t nparts,
-                                                                          int64_t D) {
-  __shared__ double tile[kSumGroups][kSumCols + 1];
+// kGroups strided groups of rows summed in double, then the groups in order, rounded once from
+// double to O (as the CPU's double column sums .to(weight dtype)). Block (kCols, kGroups) covers
+// kCols columns; the partial rows were just written, so these reads come from L2. The order is
+// fixed: deterministic. Two shapes (column_sum_shape): 32 columns × 32 groups (the default; a warp
+// reads 128 contiguous bytes of a partial row, each thread about nparts / 32 of them, and one warp
+// folds the 32 groups), or 8 columns × 128 groups folded in two levels (D / 8 blocks, one read per
+// thread; the previous default: 6.1 µs of a 20 µs layer_norm backward under ncu on an H100, in
+// blocks too small for their two barriers).
+template <int kCols, int kGroups, class C, class O>
+__global__ void __launch_bounds__(kCols * kGroups) column_sum_kernel(O* __restrict__ out0, O* __restrict__ out1,
+                                                                    const C* __restrict__ part, int64_t nparts,
+                                                                    int64_t D) {
+  __shared__ double tile[kGroups][kCols + 1];
   grid_dependents_launch();
   grid_dependency_wait();  // launched as a programmatic dependent of the kernel that wrote `part`
   const C* src = part + int64_t(blockIdx.y) * nparts * D;  // (nparts, D)
   O* out = blockIdx.y == 0 ? out0 : out1;                   // (D)
-  const int64_t j = int64_t(blockIdx.x) * kSumCols + threadIdx.x;
+  const int64_t j = int64_t(blockIdx.x) * kCols + threadIdx.x;
   double acc = 0;
   if (j < D) {
 #pragma unroll 4
-    for (int64_t b = threadIdx.y; b < nparts; b += kSumGroups) acc += double(src[b * D + j]);
+    for (int64_t b = threadIdx.y; b < nparts; b += kGroups) acc += double(src[b * D + j]);
   }
   tile[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
-  // Fold the groups in order: each of 16 threads per column sums 8 consecutive groups, then one
-  // thread sums the 16 in order.
-  constexpr int kFold = kSumGroups / 16;
-  __shared__ double folded[16][kSumCols + 1];
-  if (threadIdx.y < 16) {
-    double s = 0;
+  if constexpr (kGroups <= 32) {
+    if (threadIdx.y == 0 && j < D) {
+      double s = 0;
+#pragma unroll 8
+      for (int k = 0; k < kGroups; ++k) s += tile[k][threadIdx.x];
+      out[j] = double_to<O>(s);
+    }
+  } else {
+    // Each of 16 threads per column sums kGroups / 16 consecutive groups, then one thread the 16 in order.
+    constexpr int kFold = kGroups / 16;
+    __shared__ double folded[16][kCols + 1];
+    if (threadIdx.y < 16) {
+      double s = 0;
 #pragma unroll
-    for (int k = 0; k < kFold; ++k) s += tile[threadIdx.y * kFold + k][threadIdx.x];
-    folded[threadIdx.y][threadIdx.x] = s;
-  }
-  __syncthreads();
-  if (threadIdx.y == 0 && j < D) {
-    double s = 0;
+      for (int k = 0; k < kFold; ++k) s += tile[threadIdx.y * kFold + k][threadIdx.x];
+      folded[threadIdx.y][threadIdx.x] = s;
+    }
+    __syncthreads();
+    if (threadIdx.y == 0 && j < D) {
+      double s = 0;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) s += folded[k][threadIdx.x];
-    out[j] = double_to<O>(s);
+      for (int k = 0; k < 16; ++k) s += folded[k][threadIdx.x];
+      out[j] = double_to<O>(s);
+    }
   }
+}
+
+// The column-sum block shape: 32 × 32 unless TQ_NORM_COLSUM=8 (8 × 128, the A/B). Read once.
+inline bool column_sum_wide_blocks() {
+  static const bool v = [] {
+    const char* e = std::getenv("TQ_NORM_COLSUM");
+    return !(e && e[0] == '8');
+  }();
+  return v;
 }
 
 // ---- launch planning ----
@@ -711,8 +730,10 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
   const int kinds = int(out_dtypes.size());
   std::vector<Tensor> out;
   for (DType dt : out_dtypes) out.push_back(Tensor::empty({D}, dt, part.device()));
-  const dim3 block(kSumCols, kSumGroups);
-  const unsigned blocks = unsigned((D + kSumCols - 1) / kSumCols);
+  const bool wide = column_sum_wide_blocks();
+  const int cols = wide ? 32 : 8;
+  const dim3 block(unsigned(cols), wide ? 32u : 128u);
+  const unsigned blocks = unsigned((D + cols - 1) / cols);
   auto launch = [&](auto ctag) {
     using C = decltype(ctag);
     const C* base = data_as<const C>(part);
@@ -721,9 +742,12 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
       dispatch_float(out_dtypes[size_t(k)], "norm backward", [&](auto otag) {
         using O = decltype(otag);
         O* o1 = together ? data_as<O>(out[1]) : nullptr;
-        launch_kernel(column_sum_kernel<C, O>, dim3(blocks, together ? 2u : 1u), block, 0, current_stream(),
-                      dependent_launch(backward_pdl(), part.device().index), data_as<O>(out[size_t(k)]), o1,
-                      base + int64_t(k) * nparts * D, nparts, D);
+        const dim3 grid(blocks, together ? 2u : 1u);
+        const LaunchMode mode = dependent_launch(backward_pdl(), part.device().index);
+        O* o0 = data_as<O>(out[size_t(k)]);
+        const C* pk = base + int64_t(k) * nparts * D;
+        if (wide) launch_kernel(column_sum_kernel<32, 32, C, O>, grid, block, 0, current_stream(), mode, o0, o1, pk, nparts, D);
+        else launch_kernel(column_sum_kernel<8, 128, C, O>, grid, block, 0, current_stream(), mode, o0, o1, pk, nparts, D);
       });
     }
   };
