@@ -537,11 +537,16 @@ inline bool gemm_pdl() {
   return v;
 }
 // Whether a CTA lets the next programmatic dependent be scheduled as it starts (its CTAs then wait on
-// the SMs this grid leaves idle) or only as it exits. TQ_GEMM_PDL_TRIGGER=late for the A/B.
+// the SMs this grid leaves idle) or, the default, only as it exits (the dependent's launch still
+// overlaps this grid's completion and memory flush). Early (TQ_GEMM_PDL_TRIGGER=early) cost the
+// single-wave 81-CTA shape M 1136, N 1152, K 4304 a third in three H100 runs (41 vs 26-28 us for
+// fwd 1136/4304/1152; not profiled: a likely cause is that the next GEMM's CTAs, parked on the idle
+// SMs, start there, so its SMs are no longer spread evenly over the GPCs). On the N/K = 256 shapes
+// both trigger points gained about as much over the plain launch.
 inline bool gemm_pdl_early_trigger() {
   static const bool v = [] {
     const char* e = std::getenv("TQ_GEMM_PDL_TRIGGER");
-    return !(e && e[0] == 'l');
+    return e && e[0] == 'e';
   }();
   return v;
 }
