@@ -106,8 +106,7 @@ void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cud
     attr.id = cudaLaunchAttributeCooperative;
     attr.val.cooperative = 1;
   } else if (mode == LaunchMode::programmatic) {
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
+    attr = programmatic_attribute();
   }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;

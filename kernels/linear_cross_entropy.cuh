@@ -368,14 +368,16 @@ __global__ void __launch_bounds__(kBlock)
 
 // Elements of the row each CTA of a cluster keeps (whole vectors), or 0 when the one-read path does
 // not apply: not sm_90, f64, rows not tiled by 16-byte vectors, or a slice over the budget.
-// TQ_LCE_TWO_PASS=1 in the environment forces the three-kernel path (tests compare the two).
-// Without gradients the three-kernel path reads each logit once too and runs no clusters, so it is
-// the default there; TQ_LCE_TWO_PASS=0 forces the cluster kernel for the loss alone as well.
+// Without gradients (`grads` false) the three-kernel path reads each logit once too and runs no
+// clusters, so it is the default there. TQ_LCE_TWO_PASS, read on every call (the tests set it around
+// single calls): 1 forces the three-kernel path, 0 the cluster kernel for the loss alone as well.
 template <class T>
-int64_t cluster_slice(int64_t V, const void* logits, int device) {
+int64_t cluster_slice(int64_t V, const void* logits, int device, bool grads) {
   constexpr int64_t W = kVecWidth<T>;
   if (std::is_same_v<T, double> || device_properties(device).major < 9) return 0;
-  if (const char* e = std::getenv("TQ_LCE_TWO_PASS"); e != nullptr && e[0] == '1') return 0;
+  const char* e = std::getenv("TQ_LCE_TWO_PASS");
+  const char forced = e != nullptr ? e[0] : '\0';
+  if (forced == '1' || (!grads && forced != '0')) return 0;
   if (V % W != 0 || !aligned_to(logits, 16)) return 0;
   const int64_t slice = (V / W + kClusterSize - 1) / kClusterSize * W;
   return slice * int64_t(sizeof(T)) <= int64_t(kClusterSliceBytes) ? slice : 0;
@@ -518,12 +520,7 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
   T* lg = k.template p<T>(k.logits);
-  static const bool force_cluster = [] {
-    const char* e = std::getenv("TQ_LCE_TWO_PASS");
-    return e != nullptr && e[0] == '0';
-  }();
-  // 0: the three-kernel path (always for the loss alone unless forced: one read either way)
-  const int64_t slice = want_h || want_w || force_cluster ? cluster_slice<T>(V, lg, dev.index) : 0;
+  const int64_t slice = cluster_slice<T>(V, lg, dev.index, want_h || want_w);  // 0: the three-kernel path
   ops::LinearCrossEntropyResult res;
   res.loss = Tensor::empty({}, cdt, dev);
   if (want_h) res.grad_h = Tensor::empty({n, D}, cdt, dev);  // every row written by its chunk

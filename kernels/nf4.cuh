@@ -1280,9 +1280,9 @@ inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStrea
   if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ctas = std::min<int64_t>(ctas, std::atoi(v));
   ss.T = ctas * teams_cta;
   ss.iters = (a.N + ss.T - 1) / ss.T;
-  ss.pdl = gemv_pdl() ? 1 : 0;
-  launch_kernel(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), smem, st,
-                ss.pdl ? LaunchMode::programmatic : LaunchMode::plain, a, ss, tables());
+  const LaunchMode mode = dependent_launch(gemv_pdl(), device);
+  ss.pdl = mode == LaunchMode::programmatic ? 1 : 0;
+  launch_kernel(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), smem, st, mode, a, ss, tables());
 }
 
 // The M = 1 product through the x-stationary kernel; false where it does not apply (K > 16384).

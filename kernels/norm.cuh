@@ -730,10 +730,6 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
   const int kinds = int(out_dtypes.size());
   std::vector<Tensor> out;
   for (DType dt : out_dtypes) out.push_back(Tensor::empty({D}, dt, part.device()));
-  const bool wide = column_sum_wide_blocks();
-  const int cols = wide ? 32 : 8;
-  const dim3 block(unsigned(cols), wide ? 32u : 128u);
-  const unsigned blocks = unsigned((D + cols - 1) / cols);
   auto launch = [&](auto ctag) {
     using C = decltype(ctag);
     const C* base = data_as<const C>(part);
@@ -742,12 +738,14 @@ inline std::vector<Tensor> column_sums(const Tensor& part, int64_t nparts, int64
       dispatch_float(out_dtypes[size_t(k)], "norm backward", [&](auto otag) {
         using O = decltype(otag);
         O* o1 = together ? data_as<O>(out[1]) : nullptr;
-        const dim3 grid(blocks, together ? 2u : 1u);
-        const LaunchMode mode = dependent_launch(backward_pdl(), part.device().index);
-        O* o0 = data_as<O>(out[size_t(k)]);
-        const C* pk = base + int64_t(k) * nparts * D;
-        if (wide) launch_kernel(column_sum_kernel<32, 32, C, O>, grid, block, 0, current_stream(), mode, o0, o1, pk, nparts, D);
-        else launch_kernel(column_sum_kernel<8, 128, C, O>, grid, block, 0, current_stream(), mode, o0, o1, pk, nparts, D);
+        auto run = [&]<int kCols, int kGroups>() {
+          launch_kernel(column_sum_kernel<kCols, kGroups, C, O>,
+                        dim3(unsigned((D + kCols - 1) / kCols), together ? 2u : 1u), dim3(kCols, kGroups), 0,
+                        current_stream(), dependent_launch(backward_pdl(), part.device().index),
+                        data_as<O>(out[size_t(k)]), o1, base + int64_t(k) * nparts * D, nparts, D);
+        };
+        if (column_sum_wide_blocks()) run.template operator()<32, 32>();
+        else run.template operator()<8, 128>();
       });
     }
   };

@@ -7,6 +7,8 @@
 // sm_90. Standalone (no tq headers), so that kernels/gemm/ can use it too.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdlib>
 
 namespace tq::cuda {
@@ -20,6 +22,15 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// The launch attribute that makes a launch (cudaLaunchKernelEx) a programmatic dependent of the
+// previous kernel in its stream.
+inline cudaLaunchAttribute programmatic_attribute() {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
 }
 
 // An environment switch that is on unless set to "0" (the A/B switches of the programmatic

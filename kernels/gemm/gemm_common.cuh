@@ -220,9 +220,7 @@ inline void launch_splitk_epilogue(const float* ws, int splits, const Epilogue& 
   const int64_t total = static_cast<int64_t>(e.M) * e.N;
   const bool quad = e.quad_ok && reinterpret_cast<uintptr_t>(ws) % 16 == 0;
   const int blocks = static_cast<int>(std::min<int64_t>(((quad ? total / 4 : total) + 255) / 256, 132 * 16));
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr = tq::cuda::programmatic_attribute();
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
   cfg.blockDim = dim3(256);

@@ -565,11 +565,7 @@ struct KernelLaunch {
       attr[n].val.clusterDim.z = 1;
       ++n;
     }
-    if (programmatic) {
-      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[n].val.programmaticStreamSerializationAllowed = 1;
-      ++n;
-    }
+    if (programmatic) attr[n++] = tq::cuda::programmatic_attribute();
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
     cfg.blockDim = dim3(kThreads);
     cfg.dynamicSmemBytes = smem;
