@@ -40,6 +40,8 @@
 #include <cstdlib>
 #include <mutex>
 #include <numeric>
+#include <string_view>
+#include <type_traits>
 
 #include "kernels/copy.cuh"
 #include "tq/quant/nf4.hpp"
@@ -842,7 +844,7 @@ struct StatShape {
   int pdl;        // launched as a programmatic dependent (gemv_pdl()): no global read before the table
 };
 
-template <int VEC, int D>
+template <int VEC, int D, bool kBf16Table>
 __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(SmallMArgs a, StatShape ss, Tables tab) {
   static_assert((VEC == 16 && D == 1) || (VEC == 8 && (D == 1 || D == 2)), "x in registers: at most 32 floats per lane");
   constexpr int RB = kStatRows, RR = kStatRoundRows, W = VEC / 4, E = 2 * VEC;
@@ -895,9 +897,19 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
     dyn[byte] = tab.dyn[byte];
   }
   __syncthreads();
-  for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
-    const float2 v = stage[f >> 4];
-    reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
+  if constexpr (kBf16Table) {
+    // bf16x2 pairs (NF4[byte >> 4] in the low half) at byte · 256 + lane · 4: the upper 128 bytes of
+    // each byte's 256 are left unused, so one PRMT still forms the address. uint4 f: lanes 4(f % 8)..+3.
+    for (int f = threadIdx.x; f < 256 * 8; f += blockDim.x) {
+      const float2 v = stage[f >> 3];
+      const uint32_t u = (__float_as_uint(v.x) >> 16) | (__float_as_uint(v.y) & 0xFFFF0000u);
+      *reinterpret_cast<uint4*>(stat_smem + (f >> 3) * 256 + (f & 7) * 16) = make_uint4(u, u, u, u);
+    }
+  } else {
+    for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
+      const float2 v = stage[f >> 4];
+      reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
+    }
   }
   grid_dependency_wait();
   if (ss.pdl) fetch(0, b0);  // in flight while x is loaded
@@ -923,32 +935,55 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
   __syncthreads();  // the table
 
   // PRMT(word, lane·8, 0x55?4): byte 0 = lane·8, byte 1 = code byte ?, bytes 2, 3 = 0, i.e. the
-  // byte offset of pairf[byte · 32 + lane].
-  const uint32_t lane_sel = uint32_t(lane) * 8u;
+  // byte offset of pairf[byte · 32 + lane] (lane·4: of the bf16 pair at byte · 256 + lane · 4).
+  const uint32_t lane_sel = uint32_t(lane) * (kBf16Table ? 4u : 8u);
   const unsigned char* table = stat_smem;
 
-  auto decode = [&](const Buf& b, int64_t i0) {
-    float v[RB];
+  // Rows team + T·j < N: a team's valid rows are a prefix of its sequence, so a batch holds
+  // min(RB, team_rows − i0) of them (all RB but in a team's last batch). Rows past N are not decoded
+  // (at 2048 → 2048 two of each team's four): the valid count is a compile-time constant of each
+  // instance of row_sums, so its rows' chains stay straight-line code the compiler interleaves.
+  const int64_t team_rows = team < N ? (N - team + T - 1) / T : 0;
+  auto row_sums = [&](const Buf& b, float (&v)[RB], auto valid) {
+    constexpr int NV = decltype(valid)::value;
 #pragma unroll
     for (int r = 0; r < RB; ++r) {
       float s = 0.0f;
+      if (r < NV) {
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
-        uint32_t cw[W];
-        if constexpr (VEC == 16) cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y, cw[2] = b.code[r][d].z, cw[3] = b.code[r][d].w;
-        else cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y;
-        float t = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          uint32_t cw[W];
+          if constexpr (VEC == 16) cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y, cw[2] = b.code[r][d].z, cw[3] = b.code[r][d].w;
+          else cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y;
+          float t = 0.0f;
 #pragma unroll
-        for (int w = 0; w < W; ++w)
+          for (int w = 0; w < W; ++w)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {  // byte 4w + i: elements 2(4w + i) (high nibble) and 2(4w + i) + 1
-            const float2 f = *reinterpret_cast<const float2*>(table + __byte_perm(cw[w], lane_sel, 0x5504u + (i << 4)));
-            t = fmaf(f.y, xf[d][8 * w + 2 * i + 1], fmaf(f.x, xf[d][8 * w + 2 * i], t));
-          }
-        s = fmaf(finish_scale(a.sc, dyn, b.raw[r][d]), t, s);
+            for (int i = 0; i < 4; ++i) {  // byte 4w + i: elements 2(4w + i) (high nibble) and 2(4w + i) + 1
+              const unsigned char* at = table + __byte_perm(cw[w], lane_sel, 0x5504u + (i << 4));
+              float2 f;
+              if constexpr (kBf16Table) {
+                const uint32_t u = *reinterpret_cast<const uint32_t*>(at);
+                f = make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xFFFF0000u));
+              } else {
+                f = *reinterpret_cast<const float2*>(at);
+              }
+              t = fmaf(f.y, xf[d][8 * w + 2 * i + 1], fmaf(f.x, xf[d][8 * w + 2 * i], t));
+            }
+          s = fmaf(finish_scale(a.sc, dyn, b.raw[r][d]), t, s);
+        }
       }
       v[r] = s;
     }
+  };
+  auto decode = [&](const Buf& b, int64_t i0) {
+    float v[RB];
+    const int64_t left = team_rows - i0;  // the same in every lane of the team
+    if (left >= RB) row_sums(b, v, std::integral_constant<int, RB>{});
+    else if (left == 3) row_sums(b, v, std::integral_constant<int, 3>{});
+    else if (left == 2) row_sums(b, v, std::integral_constant<int, 2>{});
+    else if (left == 1) row_sums(b, v, std::integral_constant<int, 1>{});
+    else row_sums(b, v, std::integral_constant<int, 0>{});
     // Transposed reduction: lanes exchange half their rows across 16, then half again across 8, so
     // each group of 8 lanes holds one row; three butterfly steps finish it. Lane 8j ends with row j.
     const bool h16 = (lane & 16) != 0, h8 = (lane & 8) != 0;
@@ -1249,9 +1284,20 @@ inline bool gemv_pdl() {
   return v;
 }
 
-template <int VEC, int D>
+// The x-stationary kernel's lookup table: bf16 pairs, one 4-byte ld.shared per code byte and two
+// integer ops to widen them (the default), or f32 pairs (TQ_NF4_STAT_TABLE=f32: one 8-byte
+// ld.shared, two shared-memory wavefronts per warp lookup instead of one). Read once.
+inline bool stationary_bf16_table() {
+  static const bool v = [] {
+    const char* e = std::getenv("TQ_NF4_STAT_TABLE");
+    return e == nullptr || std::string_view(e) != "f32";
+  }();
+  return v;
+}
+
+template <int VEC, int D, bool kBf16Table>
 inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStream_t st) {
-  constexpr auto kernel = gemv_stationary_kernel<VEC, D>;
+  constexpr auto kernel = gemv_stationary_kernel<VEC, D, kBf16Table>;
   constexpr size_t kMaxSmem = kStatTableBytes + size_t(kStatRoundRows) * kStatMaxWarps * sizeof(float);
   const int teams_cta = kStatMaxWarps / TW, threads = teams_cta * TW * 32;
   const size_t smem = kStatTableBytes + size_t(kStatRoundRows) * size_t(threads / 32) * sizeof(float);
@@ -1289,9 +1335,14 @@ inline void launch_stationary(const SmallMArgs& a, int TW, int device, cudaStrea
 inline bool launch_stationary_for(const SmallMArgs& a, bool vec16, int device, cudaStream_t st) {
   const StatConfig cfg = stationary_config(a.K, vec16);
   if (cfg.TW == 0) return false;
-  if (cfg.vec == 16) launch_stationary<16, 1>(a, cfg.TW, device, st);
-  else if (cfg.d == 1) launch_stationary<8, 1>(a, cfg.TW, device, st);
-  else launch_stationary<8, 2>(a, cfg.TW, device, st);
+  const auto launch = [&](auto bf16_table) {
+    constexpr bool kB = decltype(bf16_table)::value;
+    if (cfg.vec == 16) launch_stationary<16, 1, kB>(a, cfg.TW, device, st);
+    else if (cfg.d == 1) launch_stationary<8, 1, kB>(a, cfg.TW, device, st);
+    else launch_stationary<8, 2, kB>(a, cfg.TW, device, st);
+  };
+  if (stationary_bf16_table()) launch(std::true_type{});
+  else launch(std::false_type{});
   return true;
 }
 
