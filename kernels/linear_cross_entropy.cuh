@@ -17,6 +17,9 @@
 //      first chunk) when W requires grad
 // then finalize_kernel sums the n per-row losses in double in a fixed order (deterministic) and
 // divides by the normalizer (the supervised-row count in mean mode, counted on the device).
+// The loss alone in bf16 on sm_90 skips the logits chunk: the GEMM's epilogue reduces each row's
+// 256-column tiles to (max, Σexp) pairs and the target's logit (kernels::GemmRowStats, 8 bytes
+// per tile instead of 512), and tile_stats_loss_kernel merges them (loss_through_gemm_stats).
 // Invariants: fp32 math (f64 for f64) for everything but the stored logits/dlogits (T); the only
 // V-wide buffer is the chunk's (R, V) in T — fp32 logits are never materialized; the host never
 // reads device memory (graph-capturable); a device target outside [0, V) makes its row NaN.
@@ -452,6 +455,97 @@ __global__ void __launch_bounds__(kBlock)
 }
 static_assert((kBlock & (kBlock - 1)) == 0, "the tree reductions halve kBlock");
 
+// The loss without gradients on sm_90 (bf16): the GEMM's epilogue reduces each (row, 256-column
+// tile) of logits to (max, Σexp) and picks out the target's logit (kernels::GemmRowStats), so the
+// logits never reach memory; tile_stats_loss_kernel merges a row's tile pairs in tile order, one
+// warp per row, into the row's loss (0 on ignored rows, NaN for a target outside [0, V)).
+constexpr int kStatsTile = 256;
+
+template <class = void>
+__global__ void __launch_bounds__(kBlock)
+    tile_stats_loss_kernel(const float2* __restrict__ stats, int64_t ld, int tiles, const float* __restrict__ target_logit,
+                           const int64_t* __restrict__ targets, int64_t ignore_index, int64_t V, int64_t rows,
+                           float* __restrict__ row_loss) {
+  const int64_t row = int64_t(blockIdx.x) * (kBlock / 32) + threadIdx.x / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (row >= rows) return;  // the whole warp
+  const int64_t t = targets[row];
+  if (t == ignore_index) {
+    if (lane == 0) row_loss[row] = 0.0f;
+    return;
+  }
+  MaxSum<float> acc{lowest<float>(), 0.0f};
+  for (int i = lane; i < tiles; i += 32) {
+    const float2 v = stats[row * ld + i];
+    acc = merge(acc, MaxSum<float>{v.x, v.y});
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    acc = merge(acc, MaxSum<float>{__shfl_xor_sync(0xffffffffu, acc.m, o), __shfl_xor_sync(0xffffffffu, acc.s, o)});
+  if (lane == 0) row_loss[row] = t >= 0 && t < V ? acc.m + dev_log(acc.s) - target_logit[row] : NAN;
+}
+
+// TQ_LCE_EPILOGUE=0 turns the statistics epilogue off (the loss then takes the logits chunk and the
+// three-kernel path). Read per call: the tests compare both paths.
+inline bool stats_epilogue_enabled() {
+  const char* e = std::getenv("TQ_LCE_EPILOGUE");
+  return e == nullptr || e[0] != '0';
+}
+
+// The loss of n rows through the statistics epilogue; false (nothing enqueued) where the sm90 GEMM
+// cannot take these operands. h (n, D), w (V, D) bf16 with unit column stride.
+inline bool loss_through_gemm_stats(const Tensor& h, const Tensor& w, const int64_t* tg,
+                                    const LinearCrossEntropyOptions& opt, const LogitMath<bf16>& sc, Tensor& loss) {
+  const int64_t n = h.size(0), D = h.size(1), V = w.size(0);
+  if (n > std::numeric_limits<int>::max() || V > std::numeric_limits<int>::max() ||
+      D > std::numeric_limits<int>::max())
+    return false;
+  kernels::GemmParams g;
+  g.N = int(V), g.K = int(D);
+  g.A = static_cast<const __nv_bfloat16*>(h.data_ptr());
+  g.lda = h.stride(0);
+  g.B = static_cast<const __nv_bfloat16*>(w.data_ptr());
+  g.ldb = w.stride(0);
+  g.trans_b = true;
+  g.split_k = 1;
+  g.tile_n = kStatsTile;
+  if (!stats_epilogue_enabled() || !kernels::gemm_row_stats_available(g)) return false;
+  const Device dev = h.device();
+  cudaStream_t st = current_stream();
+  const int64_t tiles = (V + kStatsTile - 1) / kStatsTile;
+  // Rows per GEMM: the (rows, tiles) pairs stay within 64 MiB (all 4,576 rows of a PaliGemma batch
+  // at V = 257216: 36.8 MB), whole 128-row tiles.
+  const int64_t per = std::max<int64_t>(128, (int64_t(64) << 20) / (tiles * int64_t(sizeof(float2))) / 128 * 128);
+  const int64_t R = std::min(n, per);
+  Tensor stats = Tensor::empty({R * tiles * 2}, DType::f32, dev), target_logit = Tensor::empty({R}, DType::f32, dev);
+  Tensor row_loss = Tensor::empty({n}, DType::f32, dev), scale = Tensor::empty({1}, DType::f32, dev);
+  Tensor divisor = Tensor::empty({1}, DType::f64, dev);
+  prepare_kernel<float><<<1, kBlock, 0, st>>>(tg, n, opt.ignore_index, opt.normalizer, scale.data<float>(),
+                                              divisor.data<double>());
+  check_launch();
+  g.row_stats.stats = static_cast<float2*>(stats.data_ptr());
+  g.row_stats.ld = tiles;
+  g.row_stats.target_logit = target_logit.data<float>();
+  g.row_stats.cap = sc.cap;
+  g.row_stats.fast_exp = sc.fast_exp;
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int64_t rows = std::min(R, n - r0);
+    g.M = int(rows);
+    g.A = static_cast<const __nv_bfloat16*>(h.data_ptr()) + r0 * h.stride(0);
+    g.row_stats.targets = tg + r0;
+    kernels::gemm(g, st);
+    constexpr int kRowsPerBlock = kBlock / 32;
+    tile_stats_loss_kernel<<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kBlock, 0, st>>>(
+        g.row_stats.stats, tiles, int(tiles), g.row_stats.target_logit, tg + r0, opt.ignore_index, V, rows,
+        row_loss.data<float>() + r0);
+    check_launch();
+  }
+  loss = Tensor::empty({}, DType::f32, dev);
+  finalize_kernel<float><<<1, kBlock, 0, st>>>(row_loss.data<float>(), n, divisor.data<double>(), loss.data<float>());
+  check_launch();
+  return true;
+}
+
 // Everything one call needs on the device, allocated once (the chunk buffer is reused).
 template <class T>
 struct Workspace {
@@ -510,13 +604,17 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   const int64_t R = ops::linear_ce_chunk_rows(n, V, ldt, opt.chunk_rows);
   const Segments sg = make_segments<T>(V, R, sm_count(dev.index));
   cudaStream_t st = current_stream();
-  Workspace<T> k(n, R, V, sg, dev);
   static const bool exact_exp = [] {
     const char* e = std::getenv("TQ_LCE_EXACT_EXP");
     return e != nullptr && e[0] == '1';
   }();
   const LogitMath<T> sc{C(to_double(from_double<T>(opt.softcap))), !exact_exp};
   const int64_t* tg = targets.data<int64_t>();
+  if constexpr (std::is_same_v<T, bf16>) {
+    ops::LinearCrossEntropyResult res;
+    if (!want_h && !want_w && loss_through_gemm_stats(h, w, tg, opt, sc, res.loss)) return res;
+  }
+  Workspace<T> k(n, R, V, sg, dev);
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
   T* lg = k.template p<T>(k.logits);

@@ -61,12 +61,21 @@ inline bool gemm_sm90_available_compiled() {
 
 inline void gemm_validate(const GemmParams& p) {
   TQ_CHECK(p.M >= 0 && p.N >= 0 && p.K >= 1, "gemm: bad shape M=", p.M, " N=", p.N, " K=", p.K);
-  TQ_CHECK(p.A && p.B && p.C, "gemm: null operand (A, B and C are required)");
+  const bool stats = p.row_stats.stats != nullptr;
+  TQ_CHECK(p.A && p.B && (p.C || stats), "gemm: null operand (A, B and C are required)");
   TQ_CHECK(p.lda >= (p.trans_a ? p.M : p.K) && p.lda >= 1, "gemm: lda=", p.lda, " too small for ",
            p.trans_a ? "(K, M)" : "(M, K)", " M=", p.M, " K=", p.K);
   TQ_CHECK(p.ldb >= (p.trans_b ? p.K : p.N) && p.ldb >= 1, "gemm: ldb=", p.ldb, " too small for ",
            p.trans_b ? "(N, K)" : "(K, N)", " N=", p.N, " K=", p.K);
-  TQ_CHECK(p.ldc >= p.N, "gemm: ldc=", p.ldc, " < N=", p.N);
+  TQ_CHECK(stats || p.ldc >= p.N, "gemm: ldc=", p.ldc, " < N=", p.N);
+  if (stats) {
+    TQ_CHECK(!p.trans_a && p.trans_b && p.split_k == 1 && p.alpha > 0.0f && (p.tile_n == 128 || p.tile_n == 192 || p.tile_n == 256) &&
+                 p.row_stats.target_logit && p.row_stats.targets &&
+                 p.row_stats.ld >= (int64_t(p.N) + p.tile_n - 1) / p.tile_n,
+             "gemm: row statistics need C = A·Bᵀ (K-major A and B), alpha > 0, split_k = 1, a forced tile width and ld "
+             "≥ the tile columns (got trans_a=", p.trans_a, " trans_b=", p.trans_b, " alpha=", p.alpha, " split_k=", p.split_k,
+             " tile_n=", p.tile_n, " ld=", p.row_stats.ld, ")");
+  }
   TQ_CHECK(p.residual == nullptr || p.ldr >= p.N, "gemm: ldr=", p.ldr, " < N=", p.N);
   TQ_CHECK(static_cast<int64_t>(p.M) * p.ldc < (int64_t(1) << 31) &&
                static_cast<int64_t>(p.trans_a ? p.K : p.M) * p.lda < (int64_t(1) << 31) &&
@@ -74,9 +83,21 @@ inline void gemm_validate(const GemmParams& p) {
            "gemm: operands over 2^31 elements are not supported");
 }
 
+// Whether gemm() can produce GemmRowStats for p here: the sm90 kernel, not replaced by cuBLAS.
+inline bool gemm_row_stats_available(const GemmParams& p) {
+  return !gemm_env_cublas() && (p.kernel == GemmKernel::auto_select || p.kernel == GemmKernel::sm90) &&
+         gemm_sm90_available() && sm90::operands_fit(p);
+}
+
 inline void gemm(const GemmParams& p, cudaStream_t stream) {
   gemm_validate(p);
   if (p.M == 0 || p.N == 0) return;
+  if (p.row_stats.stats != nullptr) {
+    TQ_CHECK(gemm_row_stats_available(p), "gemm: row statistics need the sm90 kernel (an sm_90 device, 16-byte "
+             "aligned operands, no TQ_GEMM=cublas)");
+    sm90::gemm_sm90(p, stream);
+    return;
+  }
   GemmKernel k = p.kernel;
   if (gemm_env_cublas()) k = GemmKernel::cublas;
   if (k == GemmKernel::auto_select) {

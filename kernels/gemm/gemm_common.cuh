@@ -15,7 +15,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include <kernels/cuda_check.cuh>
 #include <kernels/pdl.cuh>
@@ -33,6 +35,21 @@ enum class GemmKernel : int { auto_select = 0, sm90 = 1, sm80 = 2, skinny = 3, s
 // second kernel), cluster (distributed shared memory within a thread-block cluster; an error
 // where it cannot launch). The GPU tests force each.
 enum class GemmSplitReduce : int { auto_select = 0, global = 1, cluster = 2 };
+
+// Cross-entropy statistics in place of C (the sm90 kernel, C = A·Bᵀ with K-major A and B, one
+// split, a forced tile width; linear_cross_entropy's loss without gradients): for row r and tile
+// column t (tile_n columns), stats[r·ld + t] = (m, Σ exp(y − m)) over the tile's y = softcap(bf16(
+// alpha·acc)), every step rounded to bf16 as ops::softcap_logit does (m the largest y; a NaN y
+// makes the sum NaN, as lce::absorb_all), and target_logit[r] = y at column targets[r] (untouched
+// when the target is outside [0, N)). C is not written. Active when `stats` is set.
+struct GemmRowStats {
+  float2* stats = nullptr;           // (M, ld)
+  int64_t ld = 0;                    // ≥ ceil(N / tile_n)
+  float* target_logit = nullptr;     // (M)
+  const int64_t* targets = nullptr;  // (M)
+  float cap = 0.0f;                  // softcap, already a bf16 value; 0 = off
+  bool fast_exp = true;              // __expf (else the library expf)
+};
 
 struct GemmParams {
   int M = 0, N = 0, K = 0;
@@ -59,6 +76,7 @@ struct GemmParams {
   int split_k = 0;  // 0: heuristic; >0 forces the number of K splits (sm90 / skinny)
   int tile_n = 0;   // 0: heuristic; 128/192/256 forces the sm90 tile width
   GemmSplitReduce split_reduce = GemmSplitReduce::auto_select;  // sm90 split-K only
+  GemmRowStats row_stats;  // sm90 only: row statistics instead of C (see GemmRowStats)
 };
 
 // Everything the epilogue needs, by value into the kernels.
@@ -73,6 +91,7 @@ struct Epilogue {
   bool c_f32, bias_f32;
   bool pair_ok;  // two adjacent columns can be stored as one vector (even N, ldc, ldr, aligned)
   bool quad_ok;  // four adjacent columns likewise (N, ldc, ldr % 4 == 0, bias/C/R aligned)
+  GemmRowStats rs;
 };
 
 inline Epilogue make_epilogue(const GemmParams& p) {
@@ -97,7 +116,87 @@ inline Epilogue make_epilogue(const GemmParams& p) {
   e.quad_ok = p.N % 4 == 0 && p.ldc % 4 == 0 && al(p.C, 4 * osz) &&
               (p.residual == nullptr || (p.ldr % 4 == 0 && al(p.residual, 4 * osz))) &&
               (p.bias == nullptr || al(p.bias, e.bias_f32 ? 16 : 8));
+  e.rs = p.row_stats;
   return e;
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// exp(y − m) as the fast path computes it: ex2.approx of y·log2e − m·log2e (one FFMA, one MUFU).
+__device__ __forceinline__ float exp_shifted(float y, float m_log2e) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(fmaf(y, 1.4426950408889634f, -m_log2e)));
+  return r;
+}
+
+// The GemmRowStats epilogue of one (64, BN) wgmma accumulator fragment: this thread holds rows
+// `row` and row + 8 (global), columns c0 + 8q + {0, 1} (c0 = tile column start + 2·(lane % 4)) in
+// acc[4q + 2h + {0, 1}] for row + 8h. The four lanes of a quad share a row and merge by shuffles;
+// every lane of the warp runs every shuffle (rows past M compute and store nothing).
+// Cost per logit (it is not hidden behind the next tile's mainloop): the logit y = v(acc) is
+// non-decreasing in acc (alpha > 0, round-to-nearest, tanh), so the row's max is v(max acc), one
+// FMNMX per logit; then one v and one exp per logit. Columns past N (the last tile only) are -inf
+// in the max and left out of the sum.
+template <int BN>
+__device__ __forceinline__ void row_stats_fragment(float (&acc)[BN / 2], const Epilogue& e, int row, int tile_col,
+                                                   int tn, int lane) {
+  const GemmRowStats& rs = e.rs;
+  const int c0 = tile_col + 2 * (lane % 4);
+  const bool partial = tile_col + BN > e.N;  // the same in every thread of the CTA
+  auto value = [&](float x) {
+    float y = bf16_round(x * e.alpha);
+    if (rs.cap > 0.0f) y = bf16_round(bf16_round(tanhf(bf16_round(y / rs.cap))) * rs.cap);
+    return y;
+  };
+  if (partial) {
+#pragma unroll
+    for (int q = 0; q < BN / 8; ++q)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (c0 + 8 * q + j >= e.N) acc[4 * q + j] = acc[4 * q + 2 + j] = -INFINITY;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row + 8 * h;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < BN / 8; ++q) mx = fmaxf(mx, fmaxf(acc[4 * q + 2 * h], acc[4 * q + 2 * h + 1]));  // NaN ignored
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m = value(mx);  // finite unless a logit is ±inf (or every one NaN)
+    float s = 0.0f;
+    const float m_log2e = m * 1.4426950408889634f;
+    auto sum = [&](auto masked, auto fast) {
+#pragma unroll
+      for (int q = 0; q < BN / 8; ++q)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (decltype(masked)::value && c0 + 8 * q + j >= e.N) continue;
+          const float y = value(acc[4 * q + 2 * h + j]);
+          if constexpr (decltype(fast)::value) s += exp_shifted(y, m_log2e);
+          else s += y == m ? 1.0f : expf(y - m);  // as lce::absorb_all: a +inf max counts once, NaN spreads
+        }
+    };
+    const bool fast = rs.fast_exp && isfinite(m);
+    if (partial) {
+      if (fast) sum(std::true_type{}, std::true_type{});
+      else sum(std::true_type{}, std::false_type{});
+    } else {
+      if (fast) sum(std::false_type{}, std::true_type{});
+      else sum(std::false_type{}, std::false_type{});
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    const int64_t target = r < e.M ? rs.targets[r] : -1;
+    if (r < e.M && lane % 4 == 0) rs.stats[int64_t(r) * rs.ld + tn] = make_float2(m, s);
+    if (r < e.M && target >= tile_col && target < tile_col + BN) {  // one tile of the row, one lane of its quad
+#pragma unroll
+      for (int q = 0; q < BN / 8; ++q)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          if (c0 + 8 * q + j == target) rs.target_logit[r] = value(acc[4 * q + 2 * h + j]);
+    }
+  }
 }
 
 __device__ __forceinline__ float epi_load(const void* base, int64_t idx, bool f32) {

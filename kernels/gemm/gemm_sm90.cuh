@@ -344,6 +344,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // Accumulator fragment: acc[4q + {0,1}] at (r, c + {0,1}), acc[4q + {2,3}] at (r + 8, ...),
       // r = 16 warp + lane / 4, c = 8q + 2 (lane % 4).
+      if constexpr (!kAMajorM && !kBMajorN) {  // the only layout of logits = h·Wᵀ (gemm() checks)
+        if (epi.rs.stats != nullptr) {
+          row_stats_fragment<BN>(acc, epi, tm * kBM + cw * 64 + warp * 16 + lane / 4, tn * BN, tn, lane);
+          continue;
+        }
+      }
       if (tma_c) {
         // bf16 C, alpha only, no split: each 64-column chunk is scaled and rounded in registers,
         // written to one of this warpgroup's two (64, 64) bf16 buffers in the 128B-swizzle layout
@@ -694,7 +700,7 @@ void launch_tile(const GemmParams& p, int splits, bool cluster, float* ws, int s
   const CUtensorMap mb = BN_MAJOR ? make_tensor_map(p.B, p.K, p.N, p.ldb, kBK)
                                   : make_tensor_map(p.B, p.N, p.K, p.ldb, BN);
   // C through TMA stores when the epilogue is a plain scaled bf16 store (see the kernel).
-  const bool tma_c = c_store_fits(p) && splits == 1;
+  const bool tma_c = c_store_fits(p) && splits == 1 && p.row_stats.stats == nullptr;
   CUtensorMap mc{};
   if (tma_c) mc = make_tensor_map(p.C, p.M, p.N, p.ldc, 64);  // box (64, 64)
   Schedule sched{(p.M + kBM - 1) / kBM, (p.N + BN - 1) / BN, splits, (p.K + kBK - 1) / kBK,

@@ -250,6 +250,49 @@ TEST(GpuLinearCrossEntropy, ProductionShapeIsChunkedAndBounded) {
   EXPECT_TRUE(close(b.grad_h.cpu(), a.grad_h.cpu(), 1e-2));
 }
 
+// The loss without gradients: on sm_90 in bf16 the GEMM's epilogue reduces each 256-column tile of
+// logits to (max, Σexp) and the logits never reach memory; TQ_LCE_EPILOGUE=0 forces the logits
+// chunk and the three-kernel path. Both against the CPU and against each other, with softcap on and
+// off, ignored rows, a vocabulary that is not a tile multiple (4304 = 16·256 + 208), row counts across
+// the 128-row tile, PaliGemma's vocabulary, and a device target outside [0, V) (the loss is NaN).
+TEST(GpuLinearCrossEntropy, LossWithoutGradientsOnBothPaths) {
+  TQ_REQUIRE_GPU();
+  struct NoEpilogue {
+    NoEpilogue() { setenv("TQ_LCE_EPILOGUE", "0", 1); }
+    ~NoEpilogue() { unsetenv("TQ_LCE_EPILOGUE"); }
+  };
+  struct Shape3 {
+    int64_t n, D, V;
+  };
+  for (const Shape3& s : {Shape3{1, 72, 4304}, Shape3{7, 264, 1000}, Shape3{130, 64, 257216}, Shape3{416, 72, 4304}})
+    for (double cap : {0.0, 30.0})
+      for (double normalizer : {0.0, 91.0}) {
+        SCOPED_TRACE(str_cat("n=", s.n, " D=", s.D, " V=", s.V, " cap=", cap, " normalizer=", normalizer));
+        const auto [h, w] = inputs(s.n, s.D, s.V, DType::bf16);
+        const Tensor t = random_targets(s.n, s.V);
+        const LinearCrossEntropyOptions o{.softcap = cap, .normalizer = normalizer};
+        const double ref = ops::linear_cross_entropy_forward(h, w, t, o, false, false).loss.item<double>();
+        const Tensor hd = h.to(kCuda), wd = w.to(kCuda), td = t.to(kCuda);
+        poison_pool(size_t(s.n) * size_t(s.V) * 8 + (1 << 20));
+        const ops::LinearCrossEntropyResult a = ops::linear_cross_entropy_forward(hd, wd, td, o, false, false);
+        EXPECT_FALSE(a.grad_h.defined());
+        const double la = a.loss.item<double>();
+        EXPECT_NEAR(la, ref, loss_tol(DType::bf16) * (1 + std::abs(ref)));
+        NoEpilogue forced;
+        poison_pool(size_t(s.n) * size_t(s.V) * 8 + (1 << 20));
+        const double lb = ops::linear_cross_entropy_forward(hd, wd, td, o, false, false).loss.item<double>();
+        EXPECT_NEAR(lb, ref, loss_tol(DType::bf16) * (1 + std::abs(ref)));
+        EXPECT_NEAR(la, lb, 1e-5 * (1 + std::abs(lb)));
+      }
+  const auto [h, w] = inputs(5, 72, 1000, DType::bf16);
+  const Tensor bad = Tensor::from_vector<int64_t>({3, 1000, -100, 7, -5}, {5}).to(kCuda);
+  EXPECT_TRUE(std::isnan(ops::linear_cross_entropy_forward(h.to(kCuda), w.to(kCuda), bad, {}, false, false).loss.item<double>()));
+  const Tensor good = Tensor::from_vector<int64_t>({3, 999, -100, 7, 0}, {5});
+  const double ref = ops::linear_cross_entropy_forward(h, w, good, {}, false, false).loss.item<double>();
+  EXPECT_NEAR(ops::linear_cross_entropy_forward(h.to(kCuda), w.to(kCuda), good.to(kCuda), {}, false, false).loss.item<double>(),
+              ref, loss_tol(DType::bf16) * (1 + std::abs(ref)));
+}
+
 // A device target outside [0, V) cannot be checked without a host read: its row turns NaN (no
 // crash, no out-of-bounds read). CPU targets are checked and throw, naming the row.
 TEST(GpuLinearCrossEntropy, InvalidTargets) {
