@@ -821,8 +821,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
 // chunks c = p + P·d (d < D, P = 32·TW) of every row, holds those x values in registers as f32 for
 // the whole kernel and walks the team's rows team, team + T, team + 2T, ... (T teams in the grid).
 // A code byte then costs one PRMT (the byte and the lane's table replica in one address), one
-// ld.shared.v2 (both codes, bf16-rounded, as f32: the 64 KB pair table holds one replica per lane,
-// so a warp's lookups never meet in a bank) and two FMAs. Each lane keeps the next RB rows' codes
+// 4-byte ld.shared of both codes as a bf16 pair and two integer ops to widen them (the table holds
+// one replica per lane, so a warp's lookups never meet in a bank; TQ_NF4_STAT_TABLE=f32: an f32 pair
+// table, one ld.shared.v2 and no widening but two wavefronts per warp lookup, 2.5% slower over the
+// decode shapes on an H100) and two FMAs. Each lane keeps the next RB rows' codes
 // and raw scales in flight (a register double buffer; the first rows are requested before the CTA
 // builds its table) while it decodes the current RB. The RB row sums leave the warp in one
 // transposed shuffle reduction (6 shuffles instead of RB × 5), land in shared memory per (row,
@@ -833,7 +835,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
 constexpr int kStatMaxWarps = 16;   // warps per CTA at most (one CTA of 16 warps per SM at ≤ 128 registers)
 constexpr int kStatRows = 4;        // RB: rows per batch and lane
 constexpr int kStatRoundRows = 32;  // RR: rows per reduction round, a multiple of RB
-constexpr size_t kStatTableBytes = size_t(256) * 32 * sizeof(float2);  // [byte][lane] f32 pairs: 64 KB
+constexpr size_t kStatTableBytes = size_t(256) * 32 * sizeof(float2);  // [byte][lane] pairs: 64 KB (bf16: half used)
 
 struct StatShape {
   int64_t C;      // VEC-byte chunks per row: K / (2·VEC)
