@@ -463,9 +463,9 @@ constexpr int kStatsTile = 256;
 
 template <class = void>
 __global__ void __launch_bounds__(kBlock)
-    tile_stats_loss_kernel(const float2* __restrict__ stats, int64_t ld, int tiles, const float* __restrict__ target_logit,
-                           const int64_t* __restrict__ targets, int64_t ignore_index, int64_t V, int64_t rows,
-                           float* __restrict__ row_loss) {
+    tile_stats_loss_kernel(const float2* __restrict__ stats, int64_t ld, int tiles,
+                           const float* __restrict__ target_logit, const int64_t* __restrict__ targets,
+                           int64_t ignore_index, int64_t V, int64_t rows, float* __restrict__ row_loss) {
   const int64_t row = int64_t(blockIdx.x) * (kBlock / 32) + threadIdx.x / 32;
   const int lane = int(threadIdx.x % 32);
   if (row >= rows) return;  // the whole warp

@@ -955,8 +955,11 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
 #pragma unroll
         for (int d = 0; d < D; ++d) {
           uint32_t cw[W];
-          if constexpr (VEC == 16) cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y, cw[2] = b.code[r][d].z, cw[3] = b.code[r][d].w;
-          else cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y;
+          if constexpr (VEC == 16) {
+            cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y, cw[2] = b.code[r][d].z, cw[3] = b.code[r][d].w;
+          } else {
+            cw[0] = b.code[r][d].x, cw[1] = b.code[r][d].y;
+          }
           float t = 0.0f;
 #pragma unroll
           for (int w = 0; w < W; ++w)

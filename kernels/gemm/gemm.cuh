@@ -69,12 +69,12 @@ inline void gemm_validate(const GemmParams& p) {
            p.trans_b ? "(N, K)" : "(K, N)", " N=", p.N, " K=", p.K);
   TQ_CHECK(stats || p.ldc >= p.N, "gemm: ldc=", p.ldc, " < N=", p.N);
   if (stats) {
-    TQ_CHECK(!p.trans_a && p.trans_b && p.split_k == 1 && p.alpha > 0.0f && (p.tile_n == 128 || p.tile_n == 192 || p.tile_n == 256) &&
-                 p.row_stats.target_logit && p.row_stats.targets &&
-                 p.row_stats.ld >= (int64_t(p.N) + p.tile_n - 1) / p.tile_n,
-             "gemm: row statistics need C = A·Bᵀ (K-major A and B), alpha > 0, split_k = 1, a forced tile width and ld "
-             "≥ the tile columns (got trans_a=", p.trans_a, " trans_b=", p.trans_b, " alpha=", p.alpha, " split_k=", p.split_k,
-             " tile_n=", p.tile_n, " ld=", p.row_stats.ld, ")");
+    const bool width = p.tile_n == 128 || p.tile_n == 192 || p.tile_n == 256;
+    TQ_CHECK(!p.trans_a && p.trans_b && p.split_k == 1 && p.alpha > 0.0f && width && p.row_stats.target_logit &&
+                 p.row_stats.targets && p.row_stats.ld >= (int64_t(p.N) + p.tile_n - 1) / p.tile_n,
+             "gemm: row statistics need C = A·Bᵀ (K-major A and B), alpha > 0, split_k = 1, a forced tile width, "
+             "targets, target_logit and ld ≥ the tile columns (got trans_a=", p.trans_a, " trans_b=", p.trans_b,
+             " alpha=", p.alpha, " split_k=", p.split_k, " tile_n=", p.tile_n, " ld=", p.row_stats.ld, ")");
   }
   TQ_CHECK(p.residual == nullptr || p.ldr >= p.N, "gemm: ldr=", p.ldr, " < N=", p.N);
   TQ_CHECK(static_cast<int64_t>(p.M) * p.ldc < (int64_t(1) << 31) &&
