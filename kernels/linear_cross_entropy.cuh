@@ -492,10 +492,11 @@ inline bool stats_epilogue_enabled() {
   return e == nullptr || e[0] != '0';
 }
 
-// The loss of n rows through the statistics epilogue; false (nothing enqueued) where the sm90 GEMM
-// cannot take these operands. h (n, D), w (V, D) bf16 with unit column stride.
+// The row losses (n) of n rows through the statistics epilogue; false (nothing enqueued) where the
+// sm90 GEMM cannot take these operands. h (n, D), w (V, D) bf16 with unit column stride.
 inline bool loss_through_gemm_stats(const Tensor& h, const Tensor& w, const int64_t* tg,
-                                    const LinearCrossEntropyOptions& opt, const LogitMath<bf16>& sc, Tensor& loss) {
+                                    const LinearCrossEntropyOptions& opt, const LogitMath<bf16>& sc, float* row_loss,
+                                    cudaStream_t st) {
   const int64_t n = h.size(0), D = h.size(1), V = w.size(0);
   if (n > std::numeric_limits<int>::max() || V > std::numeric_limits<int>::max() ||
       D > std::numeric_limits<int>::max())
@@ -511,18 +512,12 @@ inline bool loss_through_gemm_stats(const Tensor& h, const Tensor& w, const int6
   g.tile_n = kStatsTile;
   if (!stats_epilogue_enabled() || !kernels::gemm_row_stats_available(g)) return false;
   const Device dev = h.device();
-  cudaStream_t st = current_stream();
   const int64_t tiles = (V + kStatsTile - 1) / kStatsTile;
   // Rows per GEMM: the (rows, tiles) pairs stay within 64 MiB (all 4,576 rows of a PaliGemma batch
   // at V = 257216: 36.8 MB), whole 128-row tiles.
   const int64_t per = std::max<int64_t>(128, (int64_t(64) << 20) / (tiles * int64_t(sizeof(float2))) / 128 * 128);
   const int64_t R = std::min(n, per);
   Tensor stats = Tensor::empty({R * tiles * 2}, DType::f32, dev), target_logit = Tensor::empty({R}, DType::f32, dev);
-  Tensor row_loss = Tensor::empty({n}, DType::f32, dev), scale = Tensor::empty({1}, DType::f32, dev);
-  Tensor divisor = Tensor::empty({1}, DType::f64, dev);
-  prepare_kernel<float><<<1, kBlock, 0, st>>>(tg, n, opt.ignore_index, opt.normalizer, scale.data<float>(),
-                                              divisor.data<double>());
-  check_launch();
   g.row_stats.stats = static_cast<float2*>(stats.data_ptr());
   g.row_stats.ld = tiles;
   g.row_stats.target_logit = target_logit.data<float>();
@@ -537,34 +532,51 @@ inline bool loss_through_gemm_stats(const Tensor& h, const Tensor& w, const int6
     constexpr int kRowsPerBlock = kBlock / 32;
     tile_stats_loss_kernel<<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kBlock, 0, st>>>(
         g.row_stats.stats, tiles, int(tiles), g.row_stats.target_logit, tg + r0, opt.ignore_index, V, rows,
-        row_loss.data<float>() + r0);
+        row_loss + r0);
     check_launch();
   }
-  loss = Tensor::empty({}, DType::f32, dev);
-  finalize_kernel<float><<<1, kBlock, 0, st>>>(row_loss.data<float>(), n, divisor.data<double>(), loss.data<float>());
-  check_launch();
   return true;
 }
 
-// Everything one call needs on the device, allocated once (the chunk buffer is reused).
+// The per-row losses and the divisor of one call, whichever path computes the rows: prepare()
+// before them counts the divisor (and scale = 1/divisor, the gradients' factor), finalize() after
+// them sums the row losses into the loss.
+template <class C>
+struct LossTotals {
+  Tensor row_loss;  // (n) C
+  Tensor scale;     // (1) C
+  Tensor divisor;   // (1) f64
+  LossTotals(int64_t n, Device dev)
+      : row_loss(Tensor::empty({n}, dtype_v<C>, dev)),
+        scale(Tensor::empty({1}, dtype_v<C>, dev)),
+        divisor(Tensor::empty({1}, DType::f64, dev)) {}
+  void prepare(const int64_t* tg, const LinearCrossEntropyOptions& opt, cudaStream_t st) {
+    prepare_kernel<C><<<1, kBlock, 0, st>>>(tg, row_loss.numel(), opt.ignore_index, opt.normalizer, scale.data<C>(),
+                                            divisor.data<double>());
+    check_launch();
+  }
+  Tensor finalize(cudaStream_t st) {
+    Tensor loss = Tensor::empty({}, dtype_v<C>, row_loss.device());
+    finalize_kernel<C><<<1, kBlock, 0, st>>>(row_loss.data<C>(), row_loss.numel(), divisor.data<double>(),
+                                             loss.data<C>());
+    check_launch();
+    return loss;
+  }
+};
+
+// The chunk buffers of the logits path, allocated once per call (reused by every chunk).
 template <class T>
 struct Workspace {
   using C = compute_t<T>;
   Tensor logits;              // (R, V) T: logits, then dlogits, of the current chunk
   Tensor part_max, part_sum;  // (R, segments) C
   Tensor lse;                 // (R) C
-  Tensor row_loss;            // (n) C
-  Tensor scale;               // (1) C
-  Tensor divisor;             // (1) f64
-  Workspace(int64_t n, int64_t R, int64_t V, const Segments& sg, Device dev) {
+  Workspace(int64_t R, int64_t V, const Segments& sg, Device dev) {
     const DType cdt = dtype_v<C>;
     logits = Tensor::empty({R, V}, dtype_v<T>, dev);
     part_max = Tensor::empty({R * sg.count}, cdt, dev);
     part_sum = Tensor::empty({R * sg.count}, cdt, dev);
     lse = Tensor::empty({R}, cdt, dev);
-    row_loss = Tensor::empty({n}, cdt, dev);
-    scale = Tensor::empty({1}, cdt, dev);
-    divisor = Tensor::empty({1}, DType::f64, dev);
   }
   template <class U>
   U* p(const Tensor& t) const {
@@ -576,7 +588,8 @@ struct Workspace {
 // write for the gradient (its blocks run in reverse, so the rows read last are still in L2).
 template <class T>
 void two_pass_rows(const Workspace<T>& k, T* lg, const int64_t* tg, int64_t ignore_index, int64_t rows,
-                   const Segments& sg, const LogitMath<T>& sc, bool grad, compute_t<T>* row_loss, cudaStream_t st) {
+                   const Segments& sg, const LogitMath<T>& sc, const compute_t<T>* scale, bool grad,
+                   compute_t<T>* row_loss, cudaStream_t st) {
   using C = compute_t<T>;
   const int64_t units = rows * sg.count;
   TQ_CHECK(units <= int64_t(INT32_MAX), "linear_cross_entropy: too many row segments in one chunk (", units, ")");
@@ -588,8 +601,8 @@ void two_pass_rows(const Workspace<T>& k, T* lg, const int64_t* tg, int64_t igno
       k.template p<C>(k.lse), row_loss);
   check_launch();
   if (!grad) return;
-  grad_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg, ignore_index, sg, sc, k.template p<C>(k.lse),
-                                                     k.template p<C>(k.scale), units);
+  grad_kernel<T><<<unsigned(units), kBlock, 0, st>>>(lg, tg, ignore_index, sg, sc, k.template p<C>(k.lse), scale,
+                                                     units);
   check_launch();
 }
 
@@ -610,22 +623,24 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
   }();
   const LogitMath<T> sc{C(to_double(from_double<T>(opt.softcap))), !exact_exp};
   const int64_t* tg = targets.data<int64_t>();
+  LossTotals<C> totals(n, dev);
+  totals.prepare(tg, opt, st);
+  C* row_loss = totals.row_loss.template data<C>();
+  const C* scale = totals.scale.template data<C>();
+  ops::LinearCrossEntropyResult res;
   if constexpr (std::is_same_v<T, bf16>) {
-    ops::LinearCrossEntropyResult res;
-    if (!want_h && !want_w && loss_through_gemm_stats(h, w, tg, opt, sc, res.loss)) return res;
+    if (!want_h && !want_w && loss_through_gemm_stats(h, w, tg, opt, sc, row_loss, st)) {
+      res.loss = totals.finalize(st);
+      return res;
+    }
   }
-  Workspace<T> k(n, R, V, sg, dev);
+  Workspace<T> k(R, V, sg, dev);
   const T* hp = static_cast<const T*>(h.data_ptr());
   const T* wp = static_cast<const T*>(w.data_ptr());
   T* lg = k.template p<T>(k.logits);
   const int64_t slice = cluster_slice<T>(V, lg, dev.index, want_h || want_w);  // 0: the three-kernel path
-  ops::LinearCrossEntropyResult res;
-  res.loss = Tensor::empty({}, cdt, dev);
   if (want_h) res.grad_h = Tensor::empty({n, D}, cdt, dev);  // every row written by its chunk
   if (want_w) res.grad_w = Tensor::empty({V, D}, cdt, dev);  // written by the first chunk (beta 0)
-  prepare_kernel<C><<<1, kBlock, 0, st>>>(tg, n, opt.ignore_index, opt.normalizer, k.template p<C>(k.scale),
-                                          k.template p<double>(k.divisor));
-  check_launch();
   for (int64_t r0 = 0; r0 < n; r0 += R) {
     const int64_t rows = std::min(R, n - r0);
     Product2d p;  // logits (rows, V) = h[r0 : r0+rows] (rows, D) · Wᵀ (D, V)
@@ -635,11 +650,10 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
     p.c = lg, p.ldc = V, p.c_dtype = ldt;
     run_product_2d(p, st);
     if (slice > 0) {  // steps 2-4 reading every logit once
-      launch_row_cluster<T>(lg, tg + r0, opt.ignore_index, rows, V, slice, sc, k.template p<C>(k.scale),
-                            want_h || want_w, k.template p<C>(k.row_loss) + r0, st);
+      launch_row_cluster<T>(lg, tg + r0, opt.ignore_index, rows, V, slice, sc, scale, want_h || want_w,
+                            row_loss + r0, st);
     } else {
-      two_pass_rows<T>(k, lg, tg + r0, opt.ignore_index, rows, sg, sc, want_h || want_w, k.template p<C>(k.row_loss) + r0,
-                       st);
+      two_pass_rows<T>(k, lg, tg + r0, opt.ignore_index, rows, sg, sc, scale, want_h || want_w, row_loss + r0, st);
     }
     if (!want_h && !want_w) continue;
     if (want_h) {
@@ -660,9 +674,7 @@ ops::LinearCrossEntropyResult forward_typed(const Tensor& h, const Tensor& w, co
       run_product_2d(q, st);
     }
   }
-  finalize_kernel<C><<<1, kBlock, 0, st>>>(k.template p<C>(k.row_loss), n, k.template p<double>(k.divisor),
-                                           k.template p<C>(res.loss));
-  check_launch();
+  res.loss = totals.finalize(st);
   return res;
 }
 

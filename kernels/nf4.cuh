@@ -377,6 +377,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range of tile-units
 
+// The two codes of one packed byte as bf16x2 (bnb's gemv rounds its code table to bf16 alike):
+// NF4[byte >> 4], the element first in memory, in the low half; NF4[byte & 15] in the high half.
+__device__ __forceinline__ uint32_t code_pair_bf16x2(const Tables& tab, int byte) {
+  const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
+  const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
+  return lo | (hi << 16);
+}
+// A bf16x2 word as two floats, the low half first (exact).
+__device__ __forceinline__ float2 widen_bf16x2(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+
 // The lookup table both product kernels decode codes with: pair[byte · 32 + lane] = bf16x2
 // {NF4[byte >> 4] (low half: the element first in memory), NF4[byte & 15]}, replicated per lane so
 // that a warp's 32 lookups of random bytes hit 32 different banks (32 KB); and DYN for the block
@@ -384,9 +396,7 @@ constexpr int kSmallMWarps = 8;  // warps per CTA; each warp walks its own range
 __device__ __forceinline__ void build_pair_table(uint32_t* pair, uint32_t* pair_of_byte, float* dyn, const Tables& tab) {
   if (threadIdx.x < 256) {
     const int byte = int(threadIdx.x);
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte >> 4]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(tab.code[byte & 15]));
-    pair_of_byte[byte] = lo | (hi << 16);
+    pair_of_byte[byte] = code_pair_bf16x2(tab, byte);
     dyn[byte] = tab.dyn[byte];
   }
   __syncthreads();
@@ -585,8 +595,7 @@ inline size_t gemv_x_slots(int64_t K) { return size_t(K / 8 + (K / 8 + 7) / 8); 
 __device__ __forceinline__ void build_pair_table_f32(float2* pairf, float2* stage, float* dyn, const Tables& tab) {
   if (threadIdx.x < 256) {
     const int byte = int(threadIdx.x);
-    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
-                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
+    stage[byte] = widen_bf16x2(code_pair_bf16x2(tab, byte));
     dyn[byte] = tab.dyn[byte];
   }
   __syncthreads();
@@ -701,7 +710,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
 #pragma unroll
             for (int j = 0; j < DI; ++j) {
               const uint32_t xw = i == 0 ? xv[j].x : i == 1 ? xv[j].y : i == 2 ? xv[j].z : xv[j].w;
-              const float x0 = __uint_as_float(xw << 16), x1 = __uint_as_float(xw & 0xFFFF0000u);
+              const float2 xp = widen_bf16x2(xw);
+              const float x0 = xp.x, x1 = xp.y;
 #pragma unroll
               for (int r = 0; r < R; ++r) {
                 float w0, w1;  // pairf[byte · 16 + lane % 16] at lane_pair + byte · 128
@@ -743,8 +753,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
 #pragma unroll
           for (int m = 0; m < MM; ++m) {
             const uint32_t xw = i == 0 ? xv[m].x : i == 1 ? xv[m].y : i == 2 ? xv[m].z : xv[m].w;
-            x0[m] = __uint_as_float(xw << 16);
-            x1[m] = __uint_as_float(xw & 0xFFFF0000u);
+            const float2 xp = widen_bf16x2(xw);
+            x0[m] = xp.x;
+            x1[m] = xp.y;
           }
 #pragma unroll
           for (int r = 0; r < R; ++r) {
@@ -753,7 +764,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
             asm volatile("ld.shared.u32 %0, [%1];"
                          : "=r"(p)
                          : "r"(lane_pair + (__byte_perm(cur.code[d][r][v], 0u, 0x4440u + i) << 7)));
-            const float w0 = __uint_as_float(p << 16), w1 = __uint_as_float(p & 0xFFFF0000u);
+            const float2 wp = widen_bf16x2(p);
+            const float w0 = wp.x, w1 = wp.y;
 #pragma unroll
             for (int m = 0; m < MM; ++m) s[r][m] = fmaf(w1, x1[m], fmaf(w0, x0[m], s[r][m]));
           }
@@ -853,9 +865,8 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
   static_assert(RB == 4 && RR % RB == 0, "the transposed reduction is written for 4 rows");
   using Chunk = std::conditional_t<VEC == 16, uint4, uint2>;
   extern __shared__ __align__(16) unsigned char stat_smem[];
-  float2* pairf = reinterpret_cast<float2*>(stat_smem);                // [byte · 32 + lane]
   float* red = reinterpret_cast<float*>(stat_smem + kStatTableBytes);  // [slot · warps + warp]
-  __shared__ float2 stage[256];
+  __shared__ uint32_t stage[256];  // code_pair_bf16x2 of every byte
   __shared__ float dyn[256];
 
   const int lane = int(threadIdx.x & 31), warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5);
@@ -894,22 +905,21 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
   if (!ss.pdl) fetch(0, b0);
   grid_dependents_launch();
   for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
-    stage[byte] = make_float2(__bfloat162float(__float2bfloat16_rn(tab.code[byte >> 4])),
-                              __bfloat162float(__float2bfloat16_rn(tab.code[byte & 15])));
+    stage[byte] = code_pair_bf16x2(tab, byte);
     dyn[byte] = tab.dyn[byte];
   }
   __syncthreads();
   if constexpr (kBf16Table) {
-    // bf16x2 pairs (NF4[byte >> 4] in the low half) at byte · 256 + lane · 4: the upper 128 bytes of
-    // each byte's 256 are left unused, so one PRMT still forms the address. uint4 f: lanes 4(f % 8)..+3.
+    // bf16x2 pairs at byte · 256 + lane · 4: the upper 128 bytes of each byte's 256 are left unused,
+    // so one PRMT still forms the address. uint4 f: lanes 4(f % 8)..+3.
     for (int f = threadIdx.x; f < 256 * 8; f += blockDim.x) {
-      const float2 v = stage[f >> 3];
-      const uint32_t u = (__float_as_uint(v.x) >> 16) | (__float_as_uint(v.y) & 0xFFFF0000u);
+      const uint32_t u = stage[f >> 3];
       *reinterpret_cast<uint4*>(stat_smem + (f >> 3) * 256 + (f & 7) * 16) = make_uint4(u, u, u, u);
     }
   } else {
+    float2* pairf = reinterpret_cast<float2*>(stat_smem);  // [byte · 32 + lane]
     for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
-      const float2 v = stage[f >> 4];
+      const float2 v = widen_bf16x2(stage[f >> 4]);
       reinterpret_cast<float4*>(pairf)[f] = make_float4(v.x, v.y, v.x, v.y);
     }
   }
@@ -929,8 +939,9 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
       const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        xf[d][8 * v + 2 * j] = __uint_as_float(ws[j] << 16);
-        xf[d][8 * v + 2 * j + 1] = __uint_as_float(ws[j] & 0xFFFF0000u);
+        const float2 xw = widen_bf16x2(ws[j]);
+        xf[d][8 * v + 2 * j] = xw.x;
+        xf[d][8 * v + 2 * j + 1] = xw.y;
       }
     }
   }
@@ -967,12 +978,8 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
             for (int i = 0; i < 4; ++i) {  // byte 4w + i: elements 2(4w + i) (high nibble) and 2(4w + i) + 1
               const unsigned char* at = table + __byte_perm(cw[w], lane_sel, 0x5504u + (i << 4));
               float2 f;
-              if constexpr (kBf16Table) {
-                const uint32_t u = *reinterpret_cast<const uint32_t*>(at);
-                f = make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xFFFF0000u));
-              } else {
-                f = *reinterpret_cast<const float2*>(at);
-              }
+              if constexpr (kBf16Table) f = widen_bf16x2(*reinterpret_cast<const uint32_t*>(at));
+              else f = *reinterpret_cast<const float2*>(at);
               t = fmaf(f.y, xf[d][8 * w + 2 * i + 1], fmaf(f.x, xf[d][8 * w + 2 * i], t));
             }
           s = fmaf(finish_scale(a.sc, dyn, b.raw[r][d]), t, s);
