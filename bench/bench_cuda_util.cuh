@@ -77,4 +77,14 @@ inline double copy_time(int64_t half, int reps) {
   });
 }
 
+// Median seconds of a cudaMemsetAsync over `bytes`, rotating over `reps` buffers: the write-only
+// rate, the reference for kernels that mostly write.
+inline double memset_time(int64_t bytes, int reps) {
+  std::vector<Tensor> dst;
+  for (int c = 0; c < reps; ++c) dst.push_back(Tensor::empty({bytes}, DType::u8, Device::cuda(0)));
+  return graph_time(reps, [&](int i) {
+    TQ_CUDA_CHECK(cudaMemsetAsync(dst[size_t(i)].data_ptr(), 0, size_t(bytes), tq::cuda::current_stream()));
+  });
+}
+
 }  // namespace tq::bench

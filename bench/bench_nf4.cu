@@ -2,7 +2,8 @@
 //   nf4_dequantize/<out dtype>/K/N   dequantize of an (N, K) NF4 weight (double quant): GB/s over
 //                                    the bytes it must move (packed codes + absmax codes + nested
 //                                    absmax read, output written) and `vs_copy`, its ratio to a
-//                                    device-to-device copy of as many bytes timed in the same call.
+//                                    device-to-device copy of as many bytes timed in the same call;
+//                                    `write_GB/s`: a memset of the output's bytes (write-only rate).
 //   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16:
 //                                    gemv_stationary_kernel at M = 1 (TQ_NF4_GEMV_X=smem or global: gemv_kernel's
 //                                    paths), gemv_kernel at M 2..4 here, else the tensor-core kernel; nf4_linear_mma
@@ -92,9 +93,12 @@ void bm_dequantize(benchmark::State& state, DType out_dt, int64_t K, int64_t N) 
   // A device-to-device copy moving as many bytes (half read, half written), over as many copies.
   const int64_t half = int64_t(bytes / 2) / 16 * 16;
   const double tc = tq::bench::copy_time(half, copies);
+  // A memset of the output's bytes: the write-only rate (the output is 80% of the bytes in bf16).
+  const double tw = tq::bench::memset_time(int64_t(out_bytes), copies);
   report(state, t);
   state.counters["GB/s"] = bytes / t * 1e-9;
   state.counters["copy_GB/s"] = 2.0 * double(half) / tc * 1e-9;
+  state.counters["write_GB/s"] = double(out_bytes) / tw * 1e-9;
   state.counters["vs_copy"] = (bytes / t) / (2.0 * double(half) / tc);
   state.counters["us"] = t * 1e6;
 }
