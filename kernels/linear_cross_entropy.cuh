@@ -387,9 +387,9 @@ __global__ void __launch_bounds__(kBlock)
 // (walk_row), loss + dh of 416 rows of 257216 logits took 1.77-2.13 ms that way and 1.93-2.16 ms
 // with the cluster kernel (H100, 2026-12-07/08, bench/RESULTS.md; at 4,576 rows the two were within
 // the runs' spread). The cluster kernel reads each logit once, but its CTAs all load, then all write,
-// at 26% of DRAM (ncu on the H200). TQ_LCE_TWO_PASS=0, read on
-// every call (the tests set it around single calls), takes the cluster kernel where it applies: sm_90,
-// not f64, rows tiled by 16-byte vectors, a slice within the shared-memory budget.
+// at 26% of DRAM (ncu on the H200). TQ_LCE_TWO_PASS=0, read on every call (the tests set it around
+// single calls), takes the cluster kernel where it applies: sm_90, not f64, rows tiled by 16-byte
+// vectors, a slice within the shared-memory budget.
 template <class T>
 int64_t cluster_slice(int64_t V, const void* logits, int device) {
   constexpr int64_t W = kVecWidth<T>;

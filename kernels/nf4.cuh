@@ -1187,10 +1187,7 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   // 1.5-6% faster than plain stores on an H100 (2026-12-07). TQ_NF4_DEQ_CS=0 stores plainly (A/B).
   const int64_t work = vec ? std::max<int64_t>((n / per_store + 7) / 8, n % per_store) : n;
   const unsigned blocks = grid_for(work, kThreads, dev.index);
-  static const bool stream_stores = [] {
-    const char* e = std::getenv("TQ_NF4_DEQ_CS");
-    return e == nullptr || e[0] != '0';
-  }();
+  static const bool stream_stores = env_switch_on("TQ_NF4_DEQ_CS");
   cudaStream_t st = current_stream();
   const Tables& tab = tables();
   auto launch = [&](auto out_tag, auto round_tag) {
