@@ -5,8 +5,10 @@
 //                                    device-to-device copy of as many bytes timed in the same call;
 //                                    `write_GB/s`: a memset of the output's bytes (write-only rate).
 //   nf4_linear/M/K/N                 y = x · dequant(W)ᵀ, x bf16 (M, K): the fused product (M ≤ 16:
-//                                    gemv_stationary_kernel at M = 1 (TQ_NF4_GEMV_X=smem or global: gemv_kernel's
-//                                    paths), gemv_kernel at M 2..4 here, else the tensor-core kernel; nf4_linear_mma
+//                                    gemv_stationary_kernel at M = 1 (TQ_NF4_GEMV_X=tc or auto: gemv_tc_kernel
+//                                    everywhere it runs or where launch_tc_for takes the shape; smem or global:
+//                                    gemv_kernel's paths), gemv_kernel at M 2..4 here, else the
+//                                    tensor-core kernel; nf4_linear_mma
 //                                    forces the latter at M = 1, 2 and 4: where the default split lies)
 //                                    or dequantize into a bf16 scratch + ops::matmul (M = 64), and
 //                                    cuBLAS bf16 (cublasGemmEx, fp32 compute) on a bf16 W of the same

@@ -259,6 +259,31 @@ __global__ void __launch_bounds__(256) quantize_nested_kernel(const float* __res
 
 // ---- dequantize ----
 
+// The 16 bytes of output of one chunk: the E = 16 / sizeof(Out) elements whose codes are the low E/2
+// bytes of `bits` (element e: byte e/2 of the little-endian word, high nibble first), block scale am.
+template <class Out, Round kRound>
+__device__ __forceinline__ Vec<Out, 16 / int(sizeof(Out))> dequant_chunk(uint32_t bits, float am, const float* code) {
+  constexpr int E = 16 / int(sizeof(Out));
+  Vec<Out, E> o;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const uint32_t byte = (bits >> (8 * (e >> 1))) & 0xFFu;
+    o.v[e] = float_to<Out>(dequant_value(code, (e & 1) ? (byte & 0xFu) : (byte >> 4), am, kRound));
+  }
+  return o;
+}
+// Elements [from, n) one by one, grid-stride over every thread of the grid.
+template <class Out, Round kRound>
+__device__ __forceinline__ void dequant_elements(Out* out, const uint8_t* packed, const Scales& sc, const float* dyn,
+                                                 const float* code, int64_t from, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = from + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint32_t byte = packed[i >> 1];
+    const uint32_t qc = (i & 1) ? (byte & 0xFu) : (byte >> 4);
+    out[i] = float_to<Out>(dequant_value(code, qc, block_scale(sc, dyn, i >> 6), kRound));
+  }
+}
+
 // out (n) = dequantized weight, coalesced: one 16-byte output store per thread and round (E
 // elements: 8 for bf16/f16, 4 for f32), so a warp's store covers 512 contiguous bytes and its code
 // load (4 bytes, resp. 2) 128 (64) contiguous bytes. A thread runs U rounds per loop trip, all loads
@@ -301,23 +326,78 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(Out* __restrict__ 
     for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * stride;
       if (c >= chunks) break;
-      const float am = finish_scale(sc, dyn, raw[u]);
-      Vec<Out, E> o;
-#pragma unroll
-      for (int e = 0; e < E; ++e) {  // element e: byte e/2 of the little-endian word, high nibble first
-        const uint32_t byte = (bits[u] >> (8 * (e >> 1))) & 0xFFu;
-        o.v[e] = float_to<Out>(dequant_value(code, (e & 1) ? (byte & 0xFu) : (byte >> 4), am, kRound));
-      }
+      const Vec<Out, E> o = dequant_chunk<Out, kRound>(bits[u], finish_scale(sc, dyn, raw[u]), code);
       Vec<Out, E>* dst = reinterpret_cast<Vec<Out, E>*>(out) + c;
       if (stream_stores) __stcs(reinterpret_cast<int4*>(dst), *reinterpret_cast<const int4*>(&o));
       else *dst = o;
     }
   }
-  for (int64_t i = chunks * E + tid; i < n; i += stride) {
-    const uint32_t byte = packed[i >> 1];
-    const uint32_t qc = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-    out[i] = float_to<Out>(dequant_value(code, qc, block_scale(sc, dyn, i >> 6), kRound));
+  dequant_elements<Out, kRound>(out, packed, sc, dyn, code, chunks * E, n);
+}
+
+// The same output through shared memory and bulk copies (sm_90): a CTA decodes a tile of
+// kDeqBulkChunks 16-byte chunks (32 KB of output; thread i owns chunks i + kThreads·u, u < U, with
+// all U code and scale loads in flight first, as above) into one of two shared buffers, and one
+// thread hands the tile to the TMA unit (cp.async.bulk global ← shared, one 32 KB write), so the
+// SM's store path carries no per-thread stores. A buffer is rewritten only after the bulk copy
+// issued from it two tiles earlier has read it (cp.async.bulk.wait_group.read 1). The n % E last
+// elements go one by one, plainly. packed 4-byte and out 16-byte aligned.
+constexpr int kDeqBulkRounds = 8;
+constexpr int kDeqBulkChunks = kThreads * kDeqBulkRounds;
+constexpr size_t kDeqBulkSmem = 2 * size_t(kDeqBulkChunks) * 16;
+
+template <class Out, Round kRound>
+__global__ void __launch_bounds__(kThreads) dequantize_bulk_kernel(Out* __restrict__ out, const uint8_t* __restrict__ packed,
+                                                                   Scales sc, int64_t n, Tables tab) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int E = 16 / int(sizeof(Out)), U = kDeqBulkRounds;
+  using Codes = std::conditional_t<E == 8, uint32_t, unsigned short>;
+  extern __shared__ __align__(128) unsigned char deq_smem[];
+  __shared__ float code[16];
+  __shared__ float dyn[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) dyn[k] = tab.dyn[k];
+  if (threadIdx.x < 16) code[threadIdx.x] = tab.code[threadIdx.x];
+  const int64_t chunks = n / E, tiles = (chunks + kDeqBulkChunks - 1) / kDeqBulkChunks;
+  const Codes* codes = reinterpret_cast<const Codes*>(packed);
+  int buf = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, buf ^= 1) {
+    const int64_t base = tile * kDeqBulkChunks;
+    const int count = int(chunks - base < kDeqBulkChunks ? chunks - base : kDeqBulkChunks);
+    uint32_t bits[U];
+    RawScale raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = int(threadIdx.x) + u * kThreads;
+      bits[u] = 0u;
+      raw[u] = RawScale{0u, 0.0f};
+      if (i < count) {
+        bits[u] = __ldcs(codes + base + i);
+        raw[u] = load_scale(sc, ((base + i) * E) >> 6);
+      }
+    }
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+    __syncthreads();  // this buffer is free again (and, the first time, the tables are in place)
+    Vec<Out, E>* tile_out = reinterpret_cast<Vec<Out, E>*>(deq_smem + size_t(buf) * kDeqBulkChunks * 16);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = int(threadIdx.x) + u * kThreads;
+      if (i < count) tile_out[i] = dequant_chunk<Out, kRound>(bits[u], finish_scale(sc, dyn, raw[u]), code);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the writes, visible to the bulk copy
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(out + base * E),
+                   "r"(uint32_t(__cvta_generic_to_shared(tile_out))), "r"(uint32_t(count) * 16u)
+                   : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
   }
+  if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // before the smem goes
+  __syncthreads();  // the tables, where this CTA had no tile
+  dequant_elements<Out, kRound>(out, packed, sc, dyn, code, chunks * E, n);
+#else
+  __trap();  // launched only on sm_90 (dequantize_into): a build without sm_90 code must not pass silently
+#endif
 }
 
 // ---- fused small-M product ----
@@ -828,6 +908,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32, BYTES == 32 ? 3 : 2) gemv_ker
   }
 }
 
+// The bf16 pair table both M = 1 kernels look codes up in, addressed by one PRMT: the pair of byte
+// b for lane l at byte offset b · 256 + l · 4 (PRMT puts the code byte in bits 8..15 and l · 4 in
+// bits 0..7; the upper 128 bytes of each byte's 256 are left unused). 64 KB at `table`, from
+// stage[b] = code_pair_bf16x2(tab, b); uint4 f: lanes 4(f % 8)..+3 of byte f / 8. No barrier.
+__device__ __forceinline__ void fill_prmt_pair_table(unsigned char* table, const uint32_t* stage) {
+  for (int f = threadIdx.x; f < 256 * 8; f += blockDim.x) {
+    const uint32_t u = stage[f >> 3];
+    *reinterpret_cast<uint4*>(table + (f >> 3) * 256 + (f & 7) * 16) = make_uint4(u, u, u, u);
+  }
+}
+// The table entry of byte i (0..3) of `word` for the lane whose lane · 4 is `lane4`.
+__device__ __forceinline__ uint32_t prmt_pair(const unsigned char* table, uint32_t word, uint32_t lane4, int i) {
+  return *reinterpret_cast<const uint32_t*>(table + __byte_perm(word, lane4, 0x5504u + (uint32_t(i) << 4)));
+}
+
 // ---- M = 1, the default: the x-stationary product ----
 //
 // gemv_kernel walks rows and fetches x again for every row: per code byte one table lookup, two x
@@ -913,12 +1008,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
   }
   __syncthreads();
   if constexpr (kBf16Table) {
-    // bf16x2 pairs at byte · 256 + lane · 4: the upper 128 bytes of each byte's 256 are left unused,
-    // so one PRMT still forms the address. uint4 f: lanes 4(f % 8)..+3.
-    for (int f = threadIdx.x; f < 256 * 8; f += blockDim.x) {
-      const uint32_t u = stage[f >> 3];
-      *reinterpret_cast<uint4*>(stat_smem + (f >> 3) * 256 + (f & 7) * 16) = make_uint4(u, u, u, u);
-    }
+    fill_prmt_pair_table(stat_smem, stage);
   } else {
     float2* pairf = reinterpret_cast<float2*>(stat_smem);  // [byte · 32 + lane]
     for (int f = threadIdx.x; f < 256 * 16; f += blockDim.x) {  // float4 f: replicas 2(f % 16), +1 of byte f / 16
@@ -1039,6 +1129,197 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
     return true;
   };
   while (step(b0, b1) && step(b1, b0)) {
+  }
+}
+
+// ---- M = 1 on tensor cores: x in shared memory, fixed segments ----
+//
+// The x-stationary kernel spends per code byte a PRMT, a table lookup, two integer ops to widen the
+// pair and two FMAs. Here the pair goes to an mma unwidened: a 16-row tile of W is the A operand
+// (m16n8k16, bf16 in, fp32 accumulate), x the B operand, held once per CTA in shared memory and
+// repeated in all 8 columns (so every lane of a quad ends with its rows' sums: nothing is masked).
+// A byte then costs one PRMT and one 4-byte ld.shared (the PRMT table above, one replica per lane:
+// conflict-free), and 128 bytes of a warp one mma. Units, block scales and the k order inside a
+// unit are those of the tensor-core small-M path (tile_units): unit j of a tile row is its flat
+// 64-block b0 + j, lane (g, t) feeds bytes 8t .. 8t + 7 of rows g and g + 8, each unit's fp32 sum
+// is scaled by its block's scale once. A tile's units are cut into segments of kTcSegUnits; an
+// item is one (tile, segment), and a row's value is Σ over its segments in order of the segment's
+// scaled unit sums in order, so the bits depend on K alone, never on the grid. Each CTA owns a
+// contiguous range of tiles and walks it in rounds of items that fit its reduction buffer; its
+// warps split a round's items into contiguous ranges, keep the next item's codes and raw scales in
+// flight while the current one computes (register double buffer), and write each item's 16 row
+// sums to shared memory; after a barrier the CTA adds each row's segments, adds the bias and stores
+// the row, rounded to bf16. Deterministic, one launch, no workspace.
+constexpr int kTcWarps = 16;
+constexpr int kTcSegUnits = 4;                       // units (64-blocks of a tile's rows) per item
+constexpr int kTcRoundItems = 256;                   // items per round: one reduction buffer, 16 KB
+constexpr int64_t kTcMaxK = 32768;                   // x in shared memory: at most 64 KB
+constexpr size_t kTcRedBytes = size_t(kTcRoundItems) * 16 * sizeof(float);
+
+struct TcShape {
+  int nseg;         // segments per tile: ceil(units_per_tile / kTcSegUnits)
+  int round_tiles;  // tiles per round: kTcRoundItems / nseg (≥ 1)
+  int64_t ctas;     // CTAs; CTA c owns tiles [c·T/ctas, (c+1)·T/ctas)
+};
+
+// The shared memory of gemv_tc_kernel for K: the PRMT table, x (16-byte aligned), two reduction buffers.
+inline size_t tc_smem_bytes(int64_t K) {
+  return kStatTableBytes + size_t((K * 2 + 15) / 16 * 16) + 2 * kTcRedBytes;
+}
+
+template <class = void>
+__global__ void __launch_bounds__(kTcWarps * 32, 1) gemv_tc_kernel(SmallMArgs a, TcShape ts, Tables tab) {
+  constexpr int SU = kTcSegUnits;
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  unsigned char* table = tc_smem;
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(tc_smem + kStatTableBytes);
+  float* red = reinterpret_cast<float*>(tc_smem + kStatTableBytes + size_t((a.K * 2 + 15) / 16 * 16));
+  __shared__ uint32_t stage[256];
+  __shared__ float dyn[256];
+
+  const int lane = int(threadIdx.x & 31), warp = int(threadIdx.x >> 5), g = lane >> 2, t = lane & 3;
+  const int64_t K = a.K, T = a.tiles;
+  const int64_t tile_begin = int64_t(blockIdx.x) * T / ts.ctas, tile_end = (int64_t(blockIdx.x) + 1) * T / ts.ctas;
+
+  // The table depends on nothing in global memory: built before griddepcontrol.wait (see the
+  // x-stationary kernel).
+  grid_dependents_launch();
+  for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+    stage[byte] = code_pair_bf16x2(tab, byte);
+    dyn[byte] = tab.dyn[byte];
+  }
+  __syncthreads();
+  fill_prmt_pair_table(table, stage);
+  grid_dependency_wait();
+
+  // One item's loads: the 8-byte pieces of rows g and g + 8 for its SU units (zeros where the lane's
+  // 16 k leave the row or the row is past N: such pieces meet x = 0 below) and, in lane t, the raw
+  // scales of unit j0 + t of both rows (shuffled to the quad per unit at compute time).
+  struct Item {
+    uint2 A[SU], B[SU];
+    RawScale rA, rB;
+    int j0, psi, slot;  // first unit, the tile's block phase, the item's index in its round (-1: none)
+  };
+  // What fetch needs of the current tile's rows g, g + 8 (refreshed when the tile changes).
+  struct Rows {
+    int64_t b0A, b0B;
+    int psi, units;
+    bool okA, okB;
+  };
+  int64_t cached_tile = -1;
+  Rows tr{};
+  auto fetch = [&](int64_t r0, int item, int item_end, Item& it) {
+    it.slot = -1;
+    if (item >= item_end) return;
+    const int64_t tile = r0 + item / ts.nseg;
+    const int seg = item - int(tile - r0) * ts.nseg;
+    if (tile != cached_tile) {
+      const TileRows full = tile_rows(a, tile, g);
+      tr = Rows{full.b0A, full.b0B, full.psi, full.units, full.okA, full.okB};
+      cached_tile = tile;
+    }
+    it.slot = item, it.j0 = seg * SU, it.psi = tr.psi;
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int64_t j = it.j0 + u, kl = 64 * j - tr.psi + 16 * t;
+      it.A[u] = make_uint2(0u, 0u);
+      it.B[u] = make_uint2(0u, 0u);
+      if (kl >= 0 && kl + 16 <= K) {
+        if (tr.okA) it.A[u] = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0A + j) + 8 * t));
+        if (tr.okB) it.B[u] = __ldcs(reinterpret_cast<const uint2*>(a.packed + 32 * (tr.b0B + j) + 8 * t));
+      }
+    }
+    const int jt = it.j0 + t;
+    it.rA = tr.okA && jt < tr.units ? load_scale(a.sc, tr.b0A + jt) : RawScale{0u, 0.0f};
+    it.rB = tr.okB && jt < tr.units ? load_scale(a.sc, tr.b0B + jt) : RawScale{0u, 0.0f};
+  };
+
+  const uint32_t lane4 = uint32_t(lane) * 4u;
+  const float zero4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // The item's two row sums (rows g, g + 8) into the round's buffer.
+  auto compute = [&](const Item& it, float* buf) {
+    const float amA4 = finish_scale(a.sc, dyn, it.rA), amB4 = finish_scale(a.sc, dyn, it.rB);
+    float sA = 0.0f, sB = 0.0f;
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const float amA = __shfl_sync(0xffffffffu, amA4, (lane & ~3) | u);
+      const float amB = __shfl_sync(0xffffffffu, amB4, (lane & ~3) | u);
+      const int64_t kl = 64 * int64_t(it.j0 + u) - it.psi + 16 * t;
+      uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+      if (kl >= 0 && kl + 16 <= K) {
+        const uint4* px = reinterpret_cast<const uint4*>(xs + kl);
+        x0 = px[0];
+        x1 = px[1];
+      }
+      const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      float c[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {  // bytes 2s, 2s + 1 of each row piece: k 4s .. 4s + 3 of the lane's 16
+        const uint32_t wa = s < 2 ? it.A[u].x : it.A[u].y, wb = s < 2 ? it.B[u].x : it.B[u].y;
+        const int i = (s & 1) * 2;
+        const uint32_t a0 = prmt_pair(table, wa, lane4, i), a2 = prmt_pair(table, wa, lane4, i + 1);
+        const uint32_t a1 = prmt_pair(table, wb, lane4, i), a3 = prmt_pair(table, wb, lane4, i + 1);
+        if (s == 0) mma_16816(c, a0, a1, a2, a3, xw[0], xw[1], zero4);  // a fresh sum per unit
+        else mma_16816(c, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1], c);
+      }
+      sA = fmaf(amA, c[0], sA);
+      sB = fmaf(amB, c[2], sB);
+    }
+    if (t == 0) {
+      buf[it.slot * 16 + g] = sA;
+      buf[it.slot * 16 + g + 8] = sB;
+    }
+  };
+
+  // A round: tiles [r0, r0 + nt), items [0, nt · nseg), this warp's contiguous share of them.
+  struct Round {
+    int nt, begin, end;
+  };
+  auto round_of = [&](int64_t r0) {
+    Round r;
+    r.nt = int(tile_end - r0 < ts.round_tiles ? tile_end - r0 : ts.round_tiles);
+    const int items = r.nt * ts.nseg;
+    r.begin = int(int64_t(warp) * items / kTcWarps);
+    r.end = int(int64_t(warp + 1) * items / kTcWarps);
+    return r;
+  };
+  Item i0, i1;
+  if (tile_begin < tile_end) {  // the first item in flight while x is staged
+    const Round r = round_of(tile_begin);
+    fetch(tile_begin, r.begin, r.end, i0);
+  }
+  // x into shared memory (16-byte copies; K % 16 == 0 and x 16-byte aligned on this path).
+  for (int64_t v = threadIdx.x; v < K / 8; v += blockDim.x)
+    reinterpret_cast<uint4*>(xs)[v] = __ldg(reinterpret_cast<const uint4*>(a.x) + v);
+  __syncthreads();  // the table and x
+
+  int parity = 0;
+  for (int64_t r0 = tile_begin; r0 < tile_end; r0 += ts.round_tiles, parity ^= 1) {
+    const Round r = round_of(r0);
+    const int nt = r.nt, w_begin = r.begin, w_end = r.end;
+    float* buf = red + parity * (kTcRedBytes / sizeof(float));
+    if (r0 != tile_begin) fetch(r0, w_begin, w_end, i0);
+    for (int item = w_begin; item < w_end; item += 2) {
+      fetch(r0, item + 1, w_end, i1);
+      compute(i0, buf);
+      if (item + 1 >= w_end) break;
+      fetch(r0, item + 2, w_end, i0);
+      compute(i1, buf);
+    }
+    __syncthreads();  // the round's row sums
+    for (int idx = threadIdx.x; idx < nt * 16; idx += blockDim.x) {
+      const int tl = idx >> 4, i = idx & 15;
+      const TileRows rows = tile_rows(a, r0 + tl, i & 7);
+      const bool ok = i < 8 ? rows.okA : rows.okB;
+      if (!ok) continue;
+      const int64_t n = i < 8 ? rows.nA : rows.nB;
+      float s = 0.0f;
+      for (int seg = 0; seg < ts.nseg; ++seg) s += buf[(tl * ts.nseg + seg) * 16 + i];
+      if (a.bias) s += __bfloat162float(a.bias[n]);
+      a.y[n] = __float2bfloat16_rn(s);
+    }
+    // No barrier: the next round writes the other buffer, and the one after passes the next
+    // round's barrier first, which every thread reaches only after this reduction.
   }
 }
 
@@ -1190,9 +1471,27 @@ inline void dequantize_into(const NF4Tensor& q, const Tensor& out) {
   static const bool stream_stores = env_switch_on("TQ_NF4_DEQ_CS");
   cudaStream_t st = current_stream();
   const Tables& tab = tables();
+  // TQ_NF4_DEQ_BULK=1 (read per call, so a test can run both paths), sm_90: through shared memory
+  // and bulk copies (dequantize_bulk_kernel), as many CTAs as stay resident (two 32 KB buffers
+  // each), at most one per tile. Opt-in: written in a session without a GPU, not yet measured.
+  const bool bulk = env_opt_in("TQ_NF4_DEQ_BULK") && vec && device_properties(dev.index).major >= 9;
   auto launch = [&](auto out_tag, auto round_tag) {
     using Out = decltype(out_tag);
     constexpr Round R = decltype(round_tag)::value;
+    if (bulk) {
+      constexpr auto kernel = dequantize_bulk_kernel<Out, R>;
+      static std::array<std::once_flag, kMaxDevices> once;
+      static std::array<int, kMaxDevices> per_sm{};
+      std::call_once(once[size_t(dev.index)], [&] {
+        TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDeqBulkSmem)));
+        TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[size_t(dev.index)], kernel, kThreads, kDeqBulkSmem));
+      });
+      const int64_t tiles = (n / per_store + kDeqBulkChunks - 1) / kDeqBulkChunks;
+      const int64_t resident = int64_t(sm_count(dev.index)) * std::max(per_sm[size_t(dev.index)], 1);
+      const unsigned ctas = unsigned(std::clamp<int64_t>(tiles, 1, resident));
+      kernel<<<ctas, kThreads, kDeqBulkSmem, st>>>(static_cast<Out*>(out.data_ptr()), pp, sc, n, tab);
+      return;
+    }
     dequantize_kernel<Out, R><<<blocks, kThreads, 0, st>>>(static_cast<Out*>(out.data_ptr()), pp, sc, n, vec,
                                                           stream_stores, tab);
   };
@@ -1285,10 +1584,12 @@ inline StatConfig stationary_config(int64_t K, bool vec16) {
   return best;
 }
 
-// TQ_NF4_GEMV_X: unset (or "reg") the x-stationary kernel at M = 1 where it applies (1.64× cuBLAS
-// bf16 in geometric mean over the decode shapes against gemv_kernel's 1.17×, same H100 run,
-// bench/RESULTS.md 2026-12-07); "smem" and "global" gemv_kernel's x-in-shared-memory and x-from-L1
-// paths (the benchmark's comparisons).
+// TQ_NF4_GEMV_X, the M = 1 kernel where it applies, else gemv_kernel: unset (or "reg") the
+// x-stationary kernel (K ≤ 16384; 1.64× cuBLAS bf16 in geometric mean over the decode shapes
+// against gemv_kernel's 1.17×, same H100 run, bench/RESULTS.md 2026-12-07); "tc" gemv_tc_kernel
+// wherever it can run, "auto" gemv_tc_kernel where launch_tc_for takes the shape (both opt-in:
+// written in a session without a GPU, not yet measured), then the x-stationary kernel; "smem" and
+// "global" gemv_kernel's x-in-shared-memory and x-from-L1 paths (the benchmark's comparisons).
 inline char gemv_x_path() {
   const char* v = std::getenv("TQ_NF4_GEMV_X");
   return v == nullptr || v[0] == '\0' ? 'r' : v[0];
@@ -1365,6 +1666,35 @@ inline bool launch_stationary_for(const SmallMArgs& a, bool vec16, int device, c
   return true;
 }
 
+// The M = 1 product through gemv_tc_kernel; false where it does not apply: K > kTcMaxK, more than
+// kTcRoundItems segments per tile, or (TQ_NF4_GEMV_X=auto) fewer tiles than SMs / 2 (the CTAs own
+// whole tiles, so such a product would leave most SMs idle: the x-stationary kernel spreads its
+// rows over all of them). `forced` (TQ_NF4_GEMV_X=tc): wherever the kernel can run.
+inline bool launch_tc_for(SmallMArgs a, const SmallMPlan& p, bool forced, int device, cudaStream_t st) {
+  constexpr auto kernel = gemv_tc_kernel<>;
+  const int64_t sms = sm_count(device);
+  const int nseg = int((p.units_per_tile + kTcSegUnits - 1) / kTcSegUnits);
+  if (a.K > kTcMaxK || nseg > kTcRoundItems || (!forced && 2 * p.tiles < sms)) return false;
+  static std::array<std::once_flag, kMaxDevices> once;
+  std::call_once(once[size_t(device)], [device] {
+    DeviceGuard guard(device);
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tc_smem_bytes(kTcMaxK))));
+  });
+  a.P = p.P;
+  a.tiles_per_class = p.tiles_per_class;
+  a.tiles = p.tiles;
+  TcShape ts{};
+  ts.nseg = nseg;
+  ts.round_tiles = kTcRoundItems / nseg;
+  ts.ctas = std::min<int64_t>(p.tiles, sms);
+  // TQ_NF4_GEMV_CTAS=n caps the grid, as for the x-stationary kernel (a test hook: many rounds per
+  // CTA; a row's sum does not depend on the grid).
+  if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ts.ctas = std::min<int64_t>(ts.ctas, std::atoi(v));
+  launch_kernel(kernel, dim3(unsigned(ts.ctas)), dim3(kTcWarps * 32), tc_smem_bytes(a.K), st,
+                dependent_launch(gemv_pdl(), device), a, ts, tables());
+  return true;
+}
+
 // gemv_kernel's shape and launch for M ≤ kGemvMaxRows. Lanes per row G: the largest power of two
 // that keeps ≥ 85 % of the lanes busy on the row's chunks (C = 36 at K = 1152: 8 lanes × 5 chunks).
 // Rows per group R: 2 (the x chunk a lane loads serves both rows), 1 where that would leave fewer
@@ -1437,7 +1767,9 @@ inline void launch_gemv(const SmallMArgs& a, int device, cudaStream_t st) {
 inline void launch_small_m(SmallMArgs a, const SmallMPlan& p, Round rnd, int device, cudaStream_t st) {
   const Tables& tab = tables();
   if (p.fast && p.gemv(a.M)) {
-    if (a.M == 1 && gemv_x_path() == 'r' && launch_stationary_for(a, p.gemv_vec == 16, device, st)) return;
+    const char xp = gemv_x_path();
+    if (a.M == 1 && (xp == 'a' || xp == 't') && launch_tc_for(a, p, xp == 't', device, st)) return;
+    if (a.M == 1 && (xp == 'a' || xp == 't' || xp == 'r') && launch_stationary_for(a, p.gemv_vec == 16, device, st)) return;
     if (p.gemv_vec == 16) launch_gemv<16>(a, device, st);
     else launch_gemv<8>(a, device, st);
     return;

@@ -40,4 +40,11 @@ inline bool env_switch_on(const char* name) {
   return !(e && e[0] == '0');
 }
 
+// An environment switch that is off unless set to "1" (a path not yet measured on a GPU, opted into
+// for its tests and benchmarks, e.g. TQ_NF4_DEQ_BULK=1).
+inline bool env_opt_in(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && e[0] == '1';
+}
+
 }  // namespace tq::cuda

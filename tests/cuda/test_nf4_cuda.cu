@@ -223,12 +223,17 @@ TEST(GpuNf4Quantize, Big1152x4304MatchesBitsandbytes) {
 
 TEST(GpuNf4Dequantize, BitIdenticalToTheCpuForEveryDtypeAndLayout) {
   TQ_REQUIRE_GPU();
+  // Both kernels: per-thread stores, and (TQ_NF4_DEQ_BULK=1, sm_90) tiles through shared memory and
+  // bulk copies (2048 × 16384: many tiles per CTA, so both buffers are reused).
+  for (const char* bulk : {"0", "1"})
   for (const QuantCase& c : kQuantCases) {
+    ::setenv("TQ_NF4_DEQ_BULK", bulk, 1);
     for (bool dq : {true, false}) {
       const NF4Tensor q = nf4_quantize(planted_weight(c.shape, c.dt), {.double_quant = dq, .offset = std::nullopt});
       const NF4Tensor qd = q.to(kCuda);
       for (DType out_dt : {DType::f32, DType::bf16, DType::f16}) {
-        SCOPED_TRACE(str_cat(dtype_name(c.dt), c.shape, " -> ", dtype_name(out_dt), dq ? " (double quant)" : ""));
+        SCOPED_TRACE(str_cat(dtype_name(c.dt), c.shape, " -> ", dtype_name(out_dt), dq ? " (double quant)" : "",
+                             " TQ_NF4_DEQ_BULK=", bulk));
         const Tensor ref = nf4_dequantize(q, out_dt);
         Tensor out = Tensor::full(c.shape, NAN, out_dt, kCuda);
         nf4_dequantize_into(qd, out);
@@ -247,6 +252,7 @@ TEST(GpuNf4Dequantize, BitIdenticalToTheCpuForEveryDtypeAndLayout) {
       EXPECT_TRUE(same_bits(nf4_dequantize(qd).cpu(), nf4_dequantize(q)));  // fresh output, QuantState dtype
     }
   }
+  ::unsetenv("TQ_NF4_DEQ_BULK");
 }
 
 TEST(GpuNf4Dequantize, RejectsMismatchedOutputs) {
@@ -370,9 +376,11 @@ const std::vector<GemvCase> kGemvCases = {
 TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   TQ_REQUIRE_GPU();
   // Every small-M kernel: the tensor-core one; then, with M ≤ 4 opted into the CUDA-core kernels,
-  // the x-stationary kernel at M = 1 (the default) and gemv_kernel at M = 2 .. 4, gemv_kernel at
-  // M = 1 with x in shared memory, and with x read through L1.
-  const std::pair<const char*, const char*> kPaths[] = {{"0", "reg"}, {"1", "reg"}, {"1", "smem"}, {"1", "global"}};
+  // gemv_tc_kernel at M = 1 on every shape it can run (TQ_NF4_GEMV_X=tc, opt-in) and gemv_kernel at
+  // M = 2 .. 4, the x-stationary kernel at M = 1 (the default), gemv_kernel at M = 1 with x in
+  // shared memory, and with x read through L1.
+  const std::pair<const char*, const char*> kPaths[] = {
+      {"0", "reg"}, {"1", "tc"}, {"1", "reg"}, {"1", "smem"}, {"1", "global"}};
   for (const auto& [gemv, xpath] : kPaths)
   for (const GemvCase& c : kGemvCases) {
     ::setenv("TQ_NF4_GEMV", gemv, 1);
@@ -413,24 +421,28 @@ TEST(GpuNf4Linear, FusedSmallMMatchesItsReferenceAndTheCpuLayer) {
   ::unsetenv("TQ_NF4_GEMV_X");
 }
 
-TEST(GpuNf4Linear, StationaryKernelIsIndependentOfItsGrid) {
+TEST(GpuNf4Linear, DecodeKernelsAreIndependentOfTheirGrid) {
   TQ_REQUIRE_GPU();
-  // The x-stationary kernel gives each row the same arithmetic whatever team walks it, so capping
-  // the grid (TQ_NF4_GEMV_CTAS) to force many rows per team and several 32-row reduction rounds
-  // (K 2048 on 2 CTAs: 16 teams, 128 rows each) must give the same bits; and both must match the
-  // f64 reference. Each configuration: 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte
-  // chunks per lane (4304), and K = 32768 (a row wider than 16 warps: gemv_kernel instead).
+  // The x-stationary kernel gives each row the same arithmetic whatever team walks it, and
+  // gemv_tc_kernel whatever CTA walks its tile, so capping the grid (TQ_NF4_GEMV_CTAS) to force
+  // many rows per team and several reduction rounds (x-stationary, K 2048 on 2 CTAs: 16 teams, 128
+  // rows each; tensor cores, K 2048 on 2 CTAs: 2 rounds of 32 tiles each, K 16384: 8 rounds of 4)
+  // must give the same bits; and both must match the f64 reference. For the x-stationary kernel:
+  // 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte chunks per lane (4304), and K = 32768
+  // (a row wider than 16 warps: gemv_kernel instead); for the tensor-core one: one block phase
+  // (2048, 1152, 16384), four (4304), and 128 segments per tile (32768).
   struct Case {
     int64_t K, N;
     int ctas;
   };
-  for (const Case& c : {Case{2048, 2048, 2}, Case{1152, 999, 3}, Case{4304, 300, 1}, Case{32768, 5, 1}}) {
-    SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " at most ", c.ctas, " CTAs"));
+  for (const char* xpath : {"reg", "tc"})
+  for (const Case& c : {Case{2048, 2048, 2}, Case{1152, 999, 3}, Case{4304, 300, 1}, Case{32768, 5, 1}, Case{16384, 999, 2}}) {
+    SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " at most ", c.ctas, " CTAs, TQ_NF4_GEMV_X=", xpath));
     const NF4Tensor q = nf4_quantize(rnd({c.N, c.K}, DType::bf16, -0.1, 0.1));
     const NF4Tensor qd = q.to(kCuda);
     Tensor x = rnd({1, c.K}, DType::bf16, -1.0, 1.0);
     Tensor bias = rnd({c.N}, DType::f32, -0.5, 0.5);
-    ::setenv("TQ_NF4_GEMV_X", "reg", 1);
+    ::setenv("TQ_NF4_GEMV_X", xpath, 1);
     poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
     const std::vector<float> full = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda)).to_vector<float>();
     ::setenv("TQ_NF4_GEMV_CTAS", std::to_string(c.ctas).c_str(), 1);
