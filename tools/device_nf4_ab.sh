@@ -9,7 +9,7 @@
 #    (TQ_NF4_GEMV_X=tc) and where launch_tc_for takes the shape (auto);
 # 4. Nsight Compute on gemv_tc_kernel at 2048 → 16384 (tools/device_ncu.sh; full report under $OUT).
 # Logs under $OUT; a short table last: vs_copy per dequantize shape, speedup per M = 1 shape and
-# their geometric mean.
+# their geometric mean, and the geometric mean an ideal kernel would reach (bound_geomean).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,3 +50,4 @@ echo "== $gpu: NF4 M = 1 speedup over cuBLAS bf16 (same five shapes), then the g
 for x in reg tc auto; do
   echo "TQ_NF4_GEMV_X=$x: $(counter "$OUT/nf4-m1-$x.log" nf4_linear/1/ speedup) | $(counter "$OUT/nf4-m1-$x.log" nf4_linear_geomean geomean_speedup)"
 done
+echo "ideal kernel (bytes at the copy rate + launch floor): geometric mean $(counter "$OUT/nf4-m1-reg.log" nf4_linear_geomean bound_geomean)"
