@@ -1667,18 +1667,21 @@ inline bool launch_stationary_for(const SmallMArgs& a, bool vec16, int device, c
 }
 
 // The M = 1 product through gemv_tc_kernel; false where it does not apply: K > kTcMaxK, more than
-// kTcRoundItems segments per tile, or (TQ_NF4_GEMV_X=auto) fewer tiles than SMs / 2 (the CTAs own
+// kTcRoundItems segments per tile, more shared memory than a block may have on `device` (160 KB at
+// K = 32768: sm_86/89 allow 99 KB), or (TQ_NF4_GEMV_X=auto) fewer tiles than SMs / 2 (the CTAs own
 // whole tiles, so such a product would leave most SMs idle: the x-stationary kernel spreads its
 // rows over all of them). `forced` (TQ_NF4_GEMV_X=tc): wherever the kernel can run.
 inline bool launch_tc_for(SmallMArgs a, const SmallMPlan& p, bool forced, int device, cudaStream_t st) {
   constexpr auto kernel = gemv_tc_kernel<>;
   const int64_t sms = sm_count(device);
   const int nseg = int((p.units_per_tile + kTcSegUnits - 1) / kTcSegUnits);
-  if (a.K > kTcMaxK || nseg > kTcRoundItems || (!forced && 2 * p.tiles < sms)) return false;
+  const size_t optin = device_properties(device).sharedMemPerBlockOptin;
+  if (a.K > kTcMaxK || nseg > kTcRoundItems || tc_smem_bytes(a.K) > optin || (!forced && 2 * p.tiles < sms)) return false;
   static std::array<std::once_flag, kMaxDevices> once;
-  std::call_once(once[size_t(device)], [device] {
+  std::call_once(once[size_t(device)], [device, optin] {
     DeviceGuard guard(device);
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tc_smem_bytes(kTcMaxK))));
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(std::min(tc_smem_bytes(kTcMaxK), optin))));
   });
   a.P = p.P;
   a.tiles_per_class = p.tiles_per_class;
