@@ -1150,7 +1150,10 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
 // flight while the current one computes (register double buffer), and write each item's 16 row
 // sums to shared memory; after a barrier the CTA adds each row's segments, adds the bias and stores
 // the row, rounded to bf16. Deterministic, one launch, no workspace.
-constexpr int kTcWarps = 16;
+// DEPTH: items per warp in the register ring (DEPTH − 1 in flight while one computes): 2 with 16
+// warps per CTA (≤ 128 registers), 3 with 12 (≤ 170): 32 KB vs 48 KB of codes in flight per SM
+// (TQ_NF4_TC_DEPTH=3; the benchmark's comparison).
+constexpr int tc_warps(int depth) { return depth == 2 ? 16 : 12; }
 constexpr int kTcSegUnits = 4;                       // units (64-blocks of a tile's rows) per item
 constexpr int kTcRoundItems = 256;                   // items per round: one reduction buffer, 16 KB
 constexpr int64_t kTcMaxK = 32768;                   // x in shared memory: at most 64 KB
@@ -1167,9 +1170,10 @@ inline size_t tc_smem_bytes(int64_t K) {
   return kStatTableBytes + size_t((K * 2 + 15) / 16 * 16) + 2 * kTcRedBytes;
 }
 
-template <class = void>
-__global__ void __launch_bounds__(kTcWarps * 32, 1) gemv_tc_kernel(SmallMArgs a, TcShape ts, Tables tab) {
-  constexpr int SU = kTcSegUnits;
+template <int DEPTH>
+__global__ void __launch_bounds__(tc_warps(DEPTH) * 32, 1) gemv_tc_kernel(SmallMArgs a, TcShape ts, Tables tab) {
+  static_assert(DEPTH == 2 || DEPTH == 3, "a ring of 2 or 3 items");
+  constexpr int SU = kTcSegUnits, WARPS = tc_warps(DEPTH);
   extern __shared__ __align__(16) unsigned char tc_smem[];
   unsigned char* table = tc_smem;
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(tc_smem + kStatTableBytes);
@@ -1279,15 +1283,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) gemv_tc_kernel(SmallMArgs a,
     Round r;
     r.nt = int(tile_end - r0 < ts.round_tiles ? tile_end - r0 : ts.round_tiles);
     const int items = r.nt * ts.nseg;
-    r.begin = int(int64_t(warp) * items / kTcWarps);
-    r.end = int(int64_t(warp + 1) * items / kTcWarps);
+    r.begin = int(int64_t(warp) * items / WARPS);
+    r.end = int(int64_t(warp + 1) * items / WARPS);
     return r;
   };
-  Item i0, i1;
-  if (tile_begin < tile_end) {  // the first item in flight while x is staged
-    const Round r = round_of(tile_begin);
-    fetch(tile_begin, r.begin, r.end, i0);
-  }
+  Item ring[DEPTH];
+  auto prologue = [&](int64_t r0, const Round& r) {  // the round's first DEPTH − 1 items
+#pragma unroll
+    for (int d = 0; d + 1 < DEPTH; ++d) fetch(r0, r.begin + d, r.end, ring[d]);
+  };
+  if (tile_begin < tile_end) prologue(tile_begin, round_of(tile_begin));  // in flight while x is staged
   // x into shared memory (16-byte copies; K % 16 == 0 and x 16-byte aligned on this path).
   for (int64_t v = threadIdx.x; v < K / 8; v += blockDim.x)
     reinterpret_cast<uint4*>(xs)[v] = __ldg(reinterpret_cast<const uint4*>(a.x) + v);
@@ -1298,13 +1303,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) gemv_tc_kernel(SmallMArgs a,
     const Round r = round_of(r0);
     const int nt = r.nt, w_begin = r.begin, w_end = r.end;
     float* buf = red + parity * (kTcRedBytes / sizeof(float));
-    if (r0 != tile_begin) fetch(r0, w_begin, w_end, i0);
-    for (int item = w_begin; item < w_end; item += 2) {
-      fetch(r0, item + 1, w_end, i1);
-      compute(i0, buf);
-      if (item + 1 >= w_end) break;
-      fetch(r0, item + 2, w_end, i0);
-      compute(i1, buf);
+    if (r0 != tile_begin) prologue(r0, r);
+    // ring[d] holds item + d; fetching item + d + DEPTH − 1 into the slot computed last keeps
+    // DEPTH − 1 items in flight.
+    for (int item = w_begin; item < w_end; item += DEPTH) {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        if (item + d >= w_end) break;
+        fetch(r0, item + d + DEPTH - 1, w_end, ring[(d + DEPTH - 1) % DEPTH]);
+        compute(ring[d], buf);
+      }
     }
     __syncthreads();  // the round's row sums
     for (int idx = threadIdx.x; idx < nt * 16; idx += blockDim.x) {
@@ -1671,8 +1679,9 @@ inline bool launch_stationary_for(const SmallMArgs& a, bool vec16, int device, c
 // K = 32768: sm_86/89 allow 99 KB), or (TQ_NF4_GEMV_X=auto) fewer tiles than SMs / 2 (the CTAs own
 // whole tiles, so such a product would leave most SMs idle: the x-stationary kernel spreads its
 // rows over all of them). `forced` (TQ_NF4_GEMV_X=tc): wherever the kernel can run.
-inline bool launch_tc_for(SmallMArgs a, const SmallMPlan& p, bool forced, int device, cudaStream_t st) {
-  constexpr auto kernel = gemv_tc_kernel<>;
+template <int DEPTH>
+inline bool launch_tc(SmallMArgs a, const SmallMPlan& p, bool forced, int device, cudaStream_t st) {
+  constexpr auto kernel = gemv_tc_kernel<DEPTH>;
   const int64_t sms = sm_count(device);
   const int nseg = int((p.units_per_tile + kTcSegUnits - 1) / kTcSegUnits);
   const size_t optin = device_properties(device).sharedMemPerBlockOptin;
@@ -1693,9 +1702,14 @@ inline bool launch_tc_for(SmallMArgs a, const SmallMPlan& p, bool forced, int de
   // TQ_NF4_GEMV_CTAS=n caps the grid, as for the x-stationary kernel (a test hook: many rounds per
   // CTA; a row's sum does not depend on the grid).
   if (const char* v = std::getenv("TQ_NF4_GEMV_CTAS"); v != nullptr && std::atoi(v) > 0) ts.ctas = std::min<int64_t>(ts.ctas, std::atoi(v));
-  launch_kernel(kernel, dim3(unsigned(ts.ctas)), dim3(kTcWarps * 32), tc_smem_bytes(a.K), st,
+  launch_kernel(kernel, dim3(unsigned(ts.ctas)), dim3(tc_warps(DEPTH) * 32), tc_smem_bytes(a.K), st,
                 dependent_launch(gemv_pdl(), device), a, ts, tables());
   return true;
+}
+inline bool launch_tc_for(const SmallMArgs& a, const SmallMPlan& p, bool forced, int device, cudaStream_t st) {
+  const char* v = std::getenv("TQ_NF4_TC_DEPTH");  // read per call, as TQ_NF4_GEMV_X (tests switch it)
+  if (v != nullptr && v[0] == '3') return launch_tc<3>(a, p, forced, device, st);
+  return launch_tc<2>(a, p, forced, device, st);
 }
 
 // gemv_kernel's shape and launch for M ≤ kGemvMaxRows. Lanes per row G: the largest power of two

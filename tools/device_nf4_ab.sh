@@ -6,7 +6,7 @@
 # 2. NF4 dequantize (bf16 out) vs a same-size copy: per-thread stores (default) and bulk copies
 #    through shared memory (TQ_NF4_DEQ_BULK=1);
 # 3. the M = 1 product vs cuBLAS bf16: the x-stationary kernel (default), gemv_tc_kernel everywhere
-#    (TQ_NF4_GEMV_X=tc) and where launch_tc_for takes the shape (auto);
+#    (TQ_NF4_GEMV_X=tc; tc3: with TQ_NF4_TC_DEPTH=3) and where launch_tc_for takes the shape (auto);
 # 4. Nsight Compute on gemv_tc_kernel at 2048 → 16384 (tools/device_ncu.sh; full report under $OUT).
 # Logs under $OUT; a short table last: vs_copy per dequantize shape, speedup per M = 1 shape and
 # their geometric mean, and the geometric mean an ideal kernel would reach (bound_geomean).
@@ -36,9 +36,9 @@ counter() {  # counter LOG NAME_PREFIX COUNTER
 for bulk in 0 1; do
   TQ_NF4_DEQ_BULK=$bulk "$B/tq_bench" --benchmark_filter='nf4_dequantize/bf16/' >"$OUT/nf4-deq-bulk$bulk.log" 2>&1
 done
-for x in reg tc auto; do
-  TQ_NF4_GEMV_X=$x "$B/tq_bench" --benchmark_filter='nf4_linear/1/|nf4_linear_geomean_m1|nf4_launch_floor/1' \
-    >"$OUT/nf4-m1-$x.log" 2>&1
+for x in reg tc tc3 auto; do  # tc3: gemv_tc_kernel with a 3-item ring (TQ_NF4_TC_DEPTH=3, 12 warps)
+  TQ_NF4_GEMV_X=${x%3} TQ_NF4_TC_DEPTH=$([[ $x == tc3 ]] && echo 3 || echo 2) "$B/tq_bench" \
+    --benchmark_filter='nf4_linear/1/|nf4_linear_geomean_m1|nf4_launch_floor/1' >"$OUT/nf4-m1-$x.log" 2>&1
 done
 timeout 120 bash tools/device_ncu.sh gemv_tc 'nf4_linear/1/2048/16384/' tc TQ_NF4_GEMV_X=tc | tail -22
 
@@ -47,7 +47,7 @@ echo "per-thread stores (default):    $(counter "$OUT/nf4-deq-bulk0.log" nf4_deq
 echo "bulk copies (TQ_NF4_DEQ_BULK=1): $(counter "$OUT/nf4-deq-bulk1.log" nf4_dequantize vs_copy)"
 echo "memset GB/s (write-only rate):  $(counter "$OUT/nf4-deq-bulk0.log" nf4_dequantize write_GB/s)"
 echo "== $gpu: NF4 M = 1 speedup over cuBLAS bf16 (same five shapes), then the geometric mean"
-for x in reg tc auto; do
+for x in reg tc tc3 auto; do
   echo "TQ_NF4_GEMV_X=$x: $(counter "$OUT/nf4-m1-$x.log" nf4_linear/1/ speedup) | $(counter "$OUT/nf4-m1-$x.log" nf4_linear_geomean geomean_speedup)"
 done
 echo "ideal kernel (bytes at the copy rate + launch floor): geometric mean $(counter "$OUT/nf4-m1-reg.log" nf4_linear_geomean bound_geomean)"

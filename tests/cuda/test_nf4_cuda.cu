@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #include "tests/cuda/gpu_test_util.hpp"
 #include "tests/quant/nf4_fixture_util.hpp"
@@ -427,33 +428,46 @@ TEST(GpuNf4Linear, DecodeKernelsAreIndependentOfTheirGrid) {
   // gemv_tc_kernel whatever CTA walks its tile, so capping the grid (TQ_NF4_GEMV_CTAS) to force
   // many rows per team and several reduction rounds (x-stationary, K 2048 on 2 CTAs: 16 teams, 128
   // rows each; tensor cores, K 2048 on 2 CTAs: 2 rounds of 32 tiles each, K 16384: 8 rounds of 4)
-  // must give the same bits; and both must match the f64 reference. For the x-stationary kernel:
-  // 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte chunks per lane (4304), and K = 32768
-  // (a row wider than 16 warps: gemv_kernel instead); for the tensor-core one: one block phase
-  // (2048, 1152, 16384), four (4304), and 128 segments per tile (32768).
+  // must give the same bits; and both must match the f64 reference. gemv_tc_kernel's ring depth
+  // (TQ_NF4_TC_DEPTH: 2 items with 16 warps, 3 with 12) splits a round's items differently among
+  // the warps but sums each row in the same order: the same bits again. For the x-stationary
+  // kernel: 16-byte chunks (2048), 8-byte chunks (1152), two 8-byte chunks per lane (4304), and
+  // K = 32768 (a row wider than 16 warps: gemv_kernel instead); for the tensor-core one: one block
+  // phase (2048, 1152, 16384), four (4304), and 128 segments per tile (32768).
   struct Case {
     int64_t K, N;
     int ctas;
   };
-  for (const char* xpath : {"reg", "tc"})
+  struct Path {
+    const char *xpath, *depth;
+  };
   for (const Case& c : {Case{2048, 2048, 2}, Case{1152, 999, 3}, Case{4304, 300, 1}, Case{32768, 5, 1}, Case{16384, 999, 2}}) {
-    SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " at most ", c.ctas, " CTAs, TQ_NF4_GEMV_X=", xpath));
     const NF4Tensor q = nf4_quantize(rnd({c.N, c.K}, DType::bf16, -0.1, 0.1));
     const NF4Tensor qd = q.to(kCuda);
     Tensor x = rnd({1, c.K}, DType::bf16, -1.0, 1.0);
     Tensor bias = rnd({c.N}, DType::f32, -0.5, 0.5);
-    ::setenv("TQ_NF4_GEMV_X", xpath, 1);
-    poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
-    const std::vector<float> full = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda)).to_vector<float>();
-    ::setenv("TQ_NF4_GEMV_CTAS", std::to_string(c.ctas).c_str(), 1);
-    poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
-    Tensor y = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda));
-    ::unsetenv("TQ_NF4_GEMV_CTAS");
-    ::unsetenv("TQ_NF4_GEMV_X");
-    const std::vector<float> capped = y.to_vector<float>();
-    ASSERT_EQ(capped.size(), full.size());
-    for (size_t i = 0; i < full.size(); ++i) ASSERT_EQ(capped[i], full[i]) << "output " << i;
-    EXPECT_TRUE(within(y, fused_reference(q, x, bias, true), 1.0 / 128, 1e-5));
+    std::vector<float> tc_full;  // gemv_tc_kernel at depth 2 on the full grid
+    for (const Path& path : {Path{"reg", "2"}, Path{"tc", "2"}, Path{"tc", "3"}}) {
+      SCOPED_TRACE(str_cat("K ", c.K, " N ", c.N, " at most ", c.ctas, " CTAs, TQ_NF4_GEMV_X=", path.xpath,
+                           " TQ_NF4_TC_DEPTH=", path.depth));
+      ::setenv("TQ_NF4_GEMV_X", path.xpath, 1);
+      ::setenv("TQ_NF4_TC_DEPTH", path.depth, 1);
+      poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
+      const std::vector<float> full = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda)).to_vector<float>();
+      ::setenv("TQ_NF4_GEMV_CTAS", std::to_string(c.ctas).c_str(), 1);
+      poison_pool(size_t(c.N) * 8 * 64 + (1 << 20));
+      Tensor y = cuda_nf4_kernels().linear_small_m(x.to(kCuda), qd, bias.to(kCuda));
+      ::unsetenv("TQ_NF4_GEMV_CTAS");
+      ::unsetenv("TQ_NF4_GEMV_X");
+      ::unsetenv("TQ_NF4_TC_DEPTH");
+      const std::vector<float> capped = y.to_vector<float>();
+      ASSERT_EQ(capped.size(), full.size());
+      for (size_t i = 0; i < full.size(); ++i) ASSERT_EQ(capped[i], full[i]) << "output " << i;
+      EXPECT_TRUE(within(y, fused_reference(q, x, bias, true), 1.0 / 128, 1e-5));
+      if (std::string_view(path.xpath) != "tc") continue;
+      if (tc_full.empty()) tc_full = full;
+      for (size_t i = 0; i < full.size(); ++i) ASSERT_EQ(full[i], tc_full[i]) << "output " << i << " vs depth 2";
+    }
   }
 }
 
