@@ -7,7 +7,8 @@
 #    through shared memory (TQ_NF4_DEQ_BULK=1);
 # 3. the M = 1 product vs cuBLAS bf16: the x-stationary kernel (default), gemv_tc_kernel everywhere
 #    (TQ_NF4_GEMV_X=tc; tc3: with TQ_NF4_TC_DEPTH=3) and where launch_tc_for takes the shape (auto);
-# 4. Nsight Compute on gemv_tc_kernel at 2048 → 16384 (tools/device_ncu.sh; full report under $OUT).
+# 4. Nsight Compute on gemv_tc_kernel at 2048 → 16384 and on dequantize_bulk_kernel at 2048 × 16384
+#    (tools/device_ncu.sh; full reports under $OUT).
 # Logs under $OUT; a short table last: vs_copy per dequantize shape, speedup per M = 1 shape and
 # their geometric mean, and the geometric mean an ideal kernel would reach (bound_geomean).
 set -uo pipefail
@@ -41,6 +42,7 @@ for x in reg tc tc3 auto; do  # tc3: gemv_tc_kernel with a 3-item ring (TQ_NF4_T
     --benchmark_filter='nf4_linear/1/|nf4_linear_geomean_m1|nf4_launch_floor/1' >"$OUT/nf4-m1-$x.log" 2>&1
 done
 timeout 120 bash tools/device_ncu.sh gemv_tc 'nf4_linear/1/2048/16384/' tc TQ_NF4_GEMV_X=tc | tail -22
+timeout 120 bash tools/device_ncu.sh dequantize_bulk 'nf4_dequantize/bf16/2048/16384/' deq-bulk TQ_NF4_DEQ_BULK=1 | tail -22
 
 echo "== $gpu: NF4 dequantize, bf16 out, vs same-size copy (2048x16384 16384x2048 2048x2048 1152x4304 4304x1152)"
 echo "per-thread stores (default):    $(counter "$OUT/nf4-deq-bulk0.log" nf4_dequantize vs_copy)"
