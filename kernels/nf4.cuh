@@ -1146,8 +1146,8 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
 // item is one (tile, segment), and a row's value is Σ over its segments in order of the segment's
 // scaled unit sums in order, so the bits depend on K alone, never on the grid. Each CTA owns a
 // contiguous range of tiles and walks it in rounds of items that fit its reduction buffer; its
-// warps split a round's items into contiguous ranges, keep the next item's codes and raw scales in
-// flight while the current one computes (register double buffer), and write each item's 16 row
+// warps split a round's items into contiguous ranges, keep the next items' codes and raw scales in
+// flight while the current one computes (a register ring, see DEPTH), and write each item's 16 row
 // sums to shared memory; after a barrier the CTA adds each row's segments, adds the bias and stores
 // the row, rounded to bf16. Deterministic, one launch, no workspace.
 // DEPTH: items per warp in the register ring (DEPTH − 1 in flight while one computes): 2 with 16
