@@ -215,9 +215,10 @@ void bm_launch_floor(benchmark::State& state, bool pdl) {
 }
 
 // Also `bound_geomean` (and per shape): the speedup over the same cuBLAS times of an ideal kernel
-// that moved its NF4 bytes (codes, absmax codes, nested absmax) at the rate of a 256 MiB
+// that moved its NF4 bytes (codes, absmax codes, nested absmax) at the rate of a 128 MiB
 // device-to-device copy measured in the same run (bytes read + written per second) and took the
-// programmatic launch floor besides: what the acceptance line's 3× can be held against on this GPU.
+// programmatic launch floor besides: what the acceptance line's 3× can be held against on this GPU
+// (approximately: a stream that only reads may run somewhat faster than a copy).
 void bm_geomean_m1(benchmark::State& state) {
   if (!have_gpu()) return state.SkipWithError("no CUDA device");
   const int64_t half = int64_t(128) << 20;
