@@ -1153,7 +1153,7 @@ __global__ void __launch_bounds__(kStatMaxWarps * 32, 1) gemv_stationary_kernel(
 // DEPTH: items per warp in the register ring (DEPTH − 1 in flight while one computes): 2 with 16
 // warps per CTA (≤ 128 registers), 3 with 12 (≤ 170): 32 KB vs 48 KB of codes in flight per SM
 // (TQ_NF4_TC_DEPTH=3; the benchmark's comparison).
-constexpr int tc_warps(int depth) { return depth == 2 ? 16 : 12; }
+__host__ __device__ constexpr int tc_warps(int depth) { return depth == 2 ? 16 : 12; }
 constexpr int kTcSegUnits = 4;                       // units (64-blocks of a tile's rows) per item
 constexpr int kTcRoundItems = 256;                   // items per round: one reduction buffer, 16 KB
 constexpr int64_t kTcMaxK = 32768;                   // x in shared memory: at most 64 KB
