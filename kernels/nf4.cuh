@@ -43,6 +43,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "kernels/bulk_async.cuh"
 #include "kernels/copy.cuh"
 #include "tq/quant/nf4.hpp"
 
@@ -375,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_bulk_kernel(Out* __restri
         raw[u] = load_scale(sc, ((base + i) * E) >> 6);
       }
     }
-    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+    if (threadIdx.x == 0) bulk_wait_read<1>();
     __syncthreads();  // this buffer is free again (and, the first time, the tables are in place)
     Vec<Out, E>* tile_out = reinterpret_cast<Vec<Out, E>*>(deq_smem + size_t(buf) * kDeqBulkChunks * 16);
 #pragma unroll
@@ -383,16 +384,14 @@ __global__ void __launch_bounds__(kThreads) dequantize_bulk_kernel(Out* __restri
       const int i = int(threadIdx.x) + u * kThreads;
       if (i < count) tile_out[i] = dequant_chunk<Out, kRound>(bits[u], finish_scale(sc, dyn, raw[u]), code);
     }
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the writes, visible to the bulk copy
+    fence_proxy_async();  // the writes, visible to the bulk copy
     __syncthreads();
     if (threadIdx.x == 0) {
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(out + base * E),
-                   "r"(uint32_t(__cvta_generic_to_shared(tile_out))), "r"(uint32_t(count) * 16u)
-                   : "memory");
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      bulk_store(out + base * E, uint32_t(__cvta_generic_to_shared(tile_out)), uint32_t(count) * 16u);
+      bulk_commit();
     }
   }
-  if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // before the smem goes
+  if (threadIdx.x == 0) bulk_wait_all();  // before the shared memory goes
   __syncthreads();  // the tables, where this CTA had no tile
   dequant_elements<Out, kRound>(out, packed, sc, dyn, code, chunks * E, n);
 #else

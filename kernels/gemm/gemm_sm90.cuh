@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include <kernels/bulk_async.cuh>
 #include <kernels/cuda_check.cuh>
 #include <kernels/gemm/gemm_common.cuh>
 #include <kernels/gemm/wgmma_ops.cuh>
@@ -113,15 +114,10 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t sr
                "r"(src), "r"(c0), "r"(c1)
                : "memory");
 }
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
+using tq::cuda::bulk_commit;  // the bulk-group bookkeeping (kernels/bulk_async.cuh)
+using tq::cuda::bulk_wait_all;
+using tq::cuda::bulk_wait_read;
+using tq::cuda::fence_proxy_async;
 __device__ __forceinline__ void named_bar(int id) {
   asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
